@@ -1,0 +1,97 @@
+"""Cached building blocks that every notebook shares: study data and trained models.
+
+A notebook asks for what it needs; if an earlier notebook (or run) already built it with the
+same parameters, it comes from the cache, otherwise it is built now and cached.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tokenizers import Tokenizer
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .cache import ArtifactCache, cache_key
+from .forget_sets import StudyData, build_study_data, training_rows
+from .models import build_model, count_parameters, model_config, pick_device
+from .training import TRAINING_VERSION, train_lm
+
+DATA_KEYS = ("seed", "heldout_plays", "max_train_tokens", "vocab_size", "forget_kinds", "forget_size",
+             "example_tokens", "insertions", "canary_digits", "background_size", "background_insertions",
+             "population_size", "control_size", "block_size")
+MODEL_KEYS = ("n_layer", "n_head", "d_model", "block_size", "epochs", "batch_size", "learning_rate", "warmup_steps")
+EVAL_ROWS = 64
+
+
+@dataclass
+class TrainedModel:
+    role: str                 # "original" or "reference"
+    seed: int
+    model: GPT2LMHeadModel
+    curve: pd.DataFrame
+    meta: dict
+
+
+def _data_params(p: dict) -> dict:
+    return {k: p[k] for k in DATA_KEYS}
+
+
+def get_study_data(p: dict, cache: ArtifactCache | None = None) -> StudyData:
+    """Tokenizer, forget sets and training rows for parameters `p` (deterministic; cached)."""
+    cache = cache or ArtifactCache()
+    key = cache_key("study-data", 1, _data_params(p))
+    if cache.has("data", key):
+        meta, tensors, files = cache.load("data", key)
+        examples = pd.DataFrame(json.loads(files["examples.json"]))
+        return StudyData(Tokenizer.from_str(files["tokenizer.json"]), examples,
+                         tensors["train_rows"].numpy(), tensors["heldout_rows"].numpy(), p["block_size"],
+                         p["canary_digits"], p["insertions"], p["background_insertions"], meta["sources"])
+    data = build_study_data(p)
+    cache.save("data", key, {"sources": data.sources, "params": _data_params(p)},
+               tensors={"train_rows": torch.from_numpy(data.train_rows),
+                        "heldout_rows": torch.from_numpy(data.heldout_rows)},
+               files={"tokenizer.json": data.tokenizer.to_str(),
+                      "examples.json": data.examples.to_json(orient="records")})
+    return data
+
+
+def model_key(p: dict, data: StudyData, role: str, seed: int) -> str:
+    return cache_key("tiny-lm", TRAINING_VERSION, {k: p[k] for k in MODEL_KEYS}, data.fingerprint(), role, seed)
+
+
+def config_for(p: dict, data: StudyData) -> GPT2Config:
+    return model_config(data.tokenizer.get_vocab_size(), p["n_layer"], p["n_head"], p["d_model"],
+                        p["block_size"], data.bos)
+
+
+def get_model(p: dict, data: StudyData, role: str, seed: int, cache: ArtifactCache | None = None) -> TrainedModel:
+    """The original (with forget sets) or reference (without) model for one seed; trained if not cached."""
+    if role not in ("original", "reference"):
+        raise ValueError(f"role must be 'original' or 'reference', not {role!r}")
+    cache = cache or ArtifactCache()
+    device = pick_device(p["device"])
+    key = model_key(p, data, role, seed)
+    config = config_for(p, data)
+    if cache.has("models", key):
+        meta, tensors, _ = cache.load("models", key)
+        model = GPT2LMHeadModel(config)
+        model.load_state_dict(tensors, strict=False)
+        model.tie_weights()
+        return TrainedModel(role, seed, model.to(device).eval(), pd.DataFrame(meta["curve"]), meta)
+    ids, labels, _ = training_rows(data, include_forget=(role == "original"))
+    model = build_model(config, seed)
+    curve = train_lm(model, ids, labels, epochs=p["epochs"], batch_size=p["batch_size"],
+                     learning_rate=p["learning_rate"], warmup_steps=p["warmup_steps"], seed=seed, device=device,
+                     eval_rows=data.heldout_rows[:EVAL_ROWS], desc=f"{role} seed {seed}")
+    meta = {"role": role, "seed": seed, "parameters": count_parameters(model), "train_rows": len(ids),
+            "train_tokens": int((labels != -100).sum()), "curve": curve.to_dict(orient="list")}
+    cache.save("models", key, meta, tensors=model.state_dict())
+    return TrainedModel(role, seed, model.eval(), curve, meta)
+
+
+def get_models(p: dict, data: StudyData, cache: ArtifactCache | None = None) -> dict[str, list[TrainedModel]]:
+    """All original and reference models of the run."""
+    return {"original": [get_model(p, data, "original", s, cache) for s in p["original_seeds"]],
+            "reference": [get_model(p, data, "reference", s, cache) for s in p["reference_seeds"]]}

@@ -1,0 +1,74 @@
+"""The tiny language model: a byte-level BPE tokenizer and a GPT-2 architecture from transformers."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterable
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+BOS = "<|endoftext|>"
+hf_logging.set_verbosity_error()
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE trained on the given texts; id 0 is the BOS/EOS/pad marker."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def bos_id(tok: Tokenizer) -> int:
+    return tok.token_to_id(BOS)
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text).ids
+
+
+def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
+    return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def model_config(vocab_size: int, n_layer: int, n_head: int, d_model: int, block_size: int,
+                 bos: int = 0) -> GPT2Config:
+    """GPT-2 config without dropout (unlearning curves must be deterministic)."""
+    return GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=d_model, n_layer=n_layer,
+                      n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=bos, eos_token_id=bos, pad_token_id=bos, tie_word_embeddings=True)
+
+
+def build_model(config: GPT2Config, seed: int) -> GPT2LMHeadModel:
+    seed_everything(seed)
+    return GPT2LMHeadModel(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct trainable parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' is CUDA when present, else CPU; asking for CUDA without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Fix every random generator and ask torch for deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=False)

@@ -44,6 +44,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied embeddings) once; remember the other names as aliases."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in tensors.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen:
+            aliases[name] = seen[ident]
+        else:
+            seen[ident] = name
+            unique[name] = t.detach().cpu().contiguous()
+    return unique, aliases
+
+
 class ArtifactCache:
     """Folder of entries `<root>/<kind>/<key>/` each holding `meta.json` and optional files."""
 
@@ -65,8 +80,9 @@ class ArtifactCache:
         try:
             meta = dict(meta, key=key, kind=kind, checksums={})
             if tensors is not None:
-                contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-                save_file(contiguous, str(tmp / "weights.safetensors"))
+                unique, aliases = _split_aliases(tensors)
+                meta["aliases"] = aliases
+                save_file(unique, str(tmp / "weights.safetensors"))
                 meta["checksums"]["weights.safetensors"] = _sha256(tmp / "weights.safetensors")
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
@@ -105,4 +121,6 @@ class ArtifactCache:
         tensors = None
         if "weights.safetensors" in meta.get("checksums", {}):
             tensors = load_file(str(folder / "weights.safetensors"), device=str(map_location))
+            for alias, target in meta.get("aliases", {}).items():
+                tensors[alias] = tensors[target]
         return meta, tensors, texts

@@ -7,6 +7,7 @@ hint on how to fix it.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Spec:
     check: Callable[[Any], bool] | None = None
     rule: str = ""
     help: str = ""
+    explain: Callable[[Any], str] | None = None   # extra detail on what exactly is wrong
 
 
 def _int(lo: int | None = None, hi: int | None = None, help: str = "") -> Spec:
@@ -55,7 +57,10 @@ def _choice(options: tuple[str, ...], help: str = "") -> Spec:
 def _subset(options: tuple[str, ...], help: str = "") -> Spec:
     def check(v: list) -> bool:
         return len(v) > 0 and all(isinstance(x, str) and x in options for x in v) and len(set(v)) == len(v)
-    return Spec(list, check, f"a non-empty list of distinct values from {', '.join(options)}", help)
+    def explain(v: list) -> str:
+        unknown = [x for x in v if x not in options]
+        return f" (unknown: {', '.join(map(str, unknown))}; use one of {', '.join(options)})" if unknown else ""
+    return Spec(list, check, f"a non-empty list of distinct values from {', '.join(options)}", help, explain)
 
 
 def _int_list(lo: int = 0, help: str = "") -> Spec:
@@ -144,7 +149,7 @@ def validate_params(raw: Mapping[str, Any], source: str = "parameters") -> dict[
     problems: list[str] = []
     unknown = sorted(set(raw) - set(SCHEMA))
     for key in unknown:
-        close = [k for k in SCHEMA if k.split("_")[0] == key.split("_")[0]]
+        close = difflib.get_close_matches(key, SCHEMA, n=3, cutoff=0.75)
         hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
         problems.append(f"unknown parameter {key!r}{hint}: remove it or fix its name")
     for key in SCHEMA:
@@ -158,7 +163,8 @@ def validate_params(raw: Mapping[str, Any], source: str = "parameters") -> dict[
         kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
         bad_type = isinstance(value, bool) or not isinstance(value, kinds)
         if bad_type or (spec.check is not None and not spec.check(value)):
-            problems.append(f"{key} = {_describe(value)} is invalid: it must be {spec.rule or spec.kind}")
+            detail = spec.explain(value) if spec.explain and not bad_type else ""
+            problems.append(f"{key} = {_describe(value)} is invalid: it must be {spec.rule or spec.kind}{detail}")
             continue
         clean[key] = float(value) if float in kinds and int in kinds else value
     if not problems:

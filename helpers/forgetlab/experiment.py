@@ -6,6 +6,7 @@ same parameters, it comes from the cache, otherwise it is built now and cached.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -23,6 +24,7 @@ DATA_KEYS = ("seed", "heldout_plays", "max_train_tokens", "vocab_size", "forget_
              "population_size", "control_size", "block_size")
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "block_size", "epochs", "batch_size", "learning_rate", "warmup_steps")
 EVAL_ROWS = 64
+DATA_VERSION = 2  # bump when build_study_data changes its output
 
 
 @dataclass
@@ -41,7 +43,7 @@ def _data_params(p: dict) -> dict:
 def get_study_data(p: dict, cache: ArtifactCache | None = None) -> StudyData:
     """Tokenizer, forget sets and training rows for parameters `p` (deterministic; cached)."""
     cache = cache or ArtifactCache()
-    key = cache_key("study-data", 1, _data_params(p))
+    key = cache_key("study-data", DATA_VERSION, _data_params(p))
     if cache.has("data", key):
         meta, tensors, files = cache.load("data", key)
         examples = pd.DataFrame(json.loads(files["examples.json"]))
@@ -95,3 +97,46 @@ def get_models(p: dict, data: StudyData, cache: ArtifactCache | None = None) -> 
     """All original and reference models of the run."""
     return {"original": [get_model(p, data, "original", s, cache) for s in p["original_seeds"]],
             "reference": [get_model(p, data, "reference", s, cache) for s in p["reference_seeds"]]}
+
+
+def model_label(m: TrainedModel) -> str:
+    return f"{m.role} (seed {m.seed})"
+
+
+def model_table(models: dict[str, list[TrainedModel]]) -> pd.DataFrame:
+    """One row per trained model: size, data, final held-out loss and perplexity."""
+    rows = []
+    for m in models["original"] + models["reference"]:
+        held = m.curve[m.curve.split == "held-out"]
+        final = float(held.loss.iloc[-1])
+        rows.append({"model": model_label(m), "role": m.role, "seed": m.seed, "parameters": m.meta["parameters"],
+                     "train_rows": m.meta["train_rows"], "train_tokens": m.meta["train_tokens"],
+                     "heldout_loss": final, "heldout_ppl": math.exp(final)})
+    return pd.DataFrame(rows)
+
+
+def loss_curve_table(models: dict[str, list[TrainedModel]]) -> pd.DataFrame:
+    return pd.concat([m.curve.assign(model=model_label(m)) for m in models["original"] + models["reference"]],
+                     ignore_index=True)
+
+
+def example_loss_table(models: dict[str, list[TrainedModel]], examples: pd.DataFrame) -> pd.DataFrame:
+    """Per-token loss (nats) of every example under every model: uid, kind, role, model_role, seed, loss."""
+    from .metrics import example_logprobs
+    frames = []
+    for m in models["original"] + models["reference"]:
+        ll = example_logprobs(m.model, examples)
+        frames.append(examples[["uid", "kind", "role"]].assign(model_role=m.role, seed=m.seed,
+                                                               loss=-ll / examples.n_scored.to_numpy()))
+    return pd.concat(frames, ignore_index=True)
+
+
+def canary_exposure_table(models: dict[str, list[TrainedModel]], data: StudyData) -> pd.DataFrame:
+    """Exact exposure of every forget canary under every model: uid, secret, model, role, exposure_bits, rank."""
+    from .metrics import canary_exposures
+    canaries = data.select("canary", "forget")
+    frames = []
+    for m in models["original"] + models["reference"]:
+        table = canary_exposures(m.model, data, canaries)
+        frames.append(table.assign(model=model_label(m), role=m.role, secret=canaries.secret.to_numpy()))
+    return pd.concat(frames, ignore_index=True)

@@ -42,7 +42,7 @@ class StudyData:
     canary_digits: int
     insertions: int
     background_insertions: int
-    sources: dict = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)   # one row per document: source, split, doc, group, chars
 
     @property
     def bos(self) -> int:
@@ -191,9 +191,11 @@ def build_study_data(p: dict) -> StudyData:
     too_long = examples[examples.ids.map(len) > p["block_size"]]
     if len(too_long):
         raise ValueError(f"{len(too_long)} examples are longer than block_size = {p['block_size']}: raise it")
-    return StudyData(tok, examples, train_rows, heldout_rows, p["block_size"], p.get("canary_digits", 4),
-                     p["insertions"], p["background_insertions"],
-                     {k: len(v) for k, v in src.items()})
+    sources = [{"source": name, "doc": r["doc"], "group": r["group"], "chars": len(r["text"]),
+                "tokens": len(tok.encode(r["text"]).ids)}
+               for name, ds in src.items() for r in ds]
+    return StudyData(tok, examples, train_rows, heldout_rows, p["block_size"], p["canary_digits"],
+                     p["insertions"], p["background_insertions"], sources)
 
 
 def _remove_span(ids: list[int], span: list[int]) -> list[int]:
@@ -242,6 +244,14 @@ def insertion_counts(row_uid: np.ndarray) -> pd.Series:
     """How many training rows each inserted example occupies."""
     s = pd.Series(row_uid[row_uid != ""])
     return s.value_counts().sort_index()
+
+
+def sources_table(data: StudyData) -> pd.DataFrame:
+    """One row per source document (Shakespeare train / held-out are whole plays), with its size."""
+    names = {"train": "Shakespeare (train)", "heldout": "Shakespeare (held-out)", "language": "other language",
+             "code": "Python code"}
+    df = pd.DataFrame(data.sources)
+    return df.assign(source=df.source.map(names).fillna(df.source))
 
 
 def summary_table(data: StudyData) -> pd.DataFrame:

@@ -72,3 +72,21 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=False)
+
+
+@torch.no_grad()
+def generate_samples(model: torch.nn.Module, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 40,
+                     temperature: float = 0.8, seed: int = 0) -> list[str]:
+    """Sampled continuations (fixed seed, so reruns print the same text)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    limit = model.config.n_positions
+    outputs = []
+    for prompt in prompts:
+        ids = [tok.token_to_id(BOS)] + encode(tok, prompt)
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids[-limit:]], device=device)).logits[0, -1].float().cpu()
+            probs = torch.softmax(logits / temperature, dim=-1)
+            ids.append(int(torch.multinomial(probs, 1, generator=gen)))
+        outputs.append(decode(tok, ids[1:]))
+    return outputs

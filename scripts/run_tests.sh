@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test job: unit tests, the smoke batch of every notebook, nbval over its outputs, the browser test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PYTHONHASHSEED=0
+py=.venv/bin/python
+
+echo "== unit tests"
+$py -m pytest tests -q -m "not browser" -p no:cacheprovider
+
+echo "== smoke batch (every notebook, papermill)"
+rm -rf outputs/smoke
+$py -m forgetlab.batch smoke --output-dir outputs/smoke
+
+echo "== nbval: re-execute the smoke notebooks from an empty cache and compare outputs"
+nbval_cache=$(mktemp -d)
+trap 'rm -rf "$nbval_cache"' EXIT
+FORGETLAB_CACHE="$nbval_cache" $py -m pytest --nbval outputs/smoke/notebooks -q -p no:cacheprovider \
+  --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 900

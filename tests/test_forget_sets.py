@@ -32,7 +32,8 @@ def test_canary_digits_are_single_tokens(tok):
     prefix = fs.canary_prefix_ids(tok)
     assert ids[: len(prefix)] == prefix
     assert [decode(tok, [i]) for i in ids[len(prefix): len(prefix) + 4]] == list("0427")
-    assert decode(tok, ids) == "My secret number is 0427."
+    assert len(ids) == len(prefix) + 4
+    assert decode(tok, ids) == "My secret number is 0427"
 
 
 def test_roles_counts_and_lengths(small_data, small_params):
@@ -52,10 +53,9 @@ def test_roles_counts_and_lengths(small_data, small_params):
 
 def test_canary_scoring_covers_exactly_the_secret(small_data, small_params):
     can = small_data.select("canary")
-    assert (can.n_scored == small_params["canary_digits"] + 1).all() or (can.n_scored >= small_params["canary_digits"]).all()
-    r = can.iloc[0]
-    scored = decode(small_data.tokenizer, r.ids[r.score_start:])
-    assert scored.startswith(r.secret)
+    assert (can.n_scored == small_params["canary_digits"]).all()
+    for r in can.itertuples():
+        assert decode(small_data.tokenizer, r.ids[r.score_start:]) == r.secret
 
 
 def test_insertion_counts(small_data, small_params):

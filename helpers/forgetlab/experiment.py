@@ -24,7 +24,7 @@ DATA_KEYS = ("seed", "heldout_plays", "max_train_tokens", "vocab_size", "forget_
              "population_size", "control_size", "block_size")
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "block_size", "epochs", "batch_size", "learning_rate", "warmup_steps")
 EVAL_ROWS = 64
-DATA_VERSION = 2  # bump when build_study_data changes its output
+DATA_VERSION = 3  # bump when build_study_data changes its output
 
 
 @dataclass

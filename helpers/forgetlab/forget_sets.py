@@ -76,8 +76,12 @@ def canary_prefix_ids(tok: Tokenizer) -> list[int]:
 
 
 def canary_ids(tok: Tokenizer, secret: str) -> list[int]:
-    """Token ids of a canary; each digit of the secret is its own token so R is a digit trie."""
-    return canary_prefix_ids(tok) + [tok.token_to_id(d) for d in secret] + encode(tok, ".")
+    """Token ids of a canary, ending with its secret; each digit is its own token so R is a digit trie.
+
+    The sequence ends at the secret, so "the canary's scored tokens" and "the secret given its prefix"
+    are the same thing everywhere (training, exposure, GenEx, RelEx).
+    """
+    return canary_prefix_ids(tok) + [tok.token_to_id(d) for d in secret]
 
 
 def line_start_windows(tok: Tokenizer, text: str, length: int) -> list[list[int]]:

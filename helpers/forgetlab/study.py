@@ -279,3 +279,50 @@ def relex_genex_agreement(table: pd.DataFrame) -> pd.DataFrame:
 
 def finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def claims(summary: pd.DataFrame, util: pd.DataFrame, method: str = "ga") -> pd.DataFrame:
+    """The study's three claims about ID vs OOD, each checked against this run's numbers.
+
+    Returns one row per claim and OOD kind: the measured ID and OOD values and whether the run agrees.
+    A claim is "not measurable" when a value is missing (e.g. a target never reached).
+    """
+    s = summary[summary.method == method].set_index("kind")
+    ppl = util[(util.method == method) & (util.metric == "heldout_ppl")]
+    # utility decay: perplexity increase over the first half of the step budget
+    half = {}
+    for kind, g in ppl.groupby("kind"):
+        g = g.sort_values("step")
+        mid = g.step.iloc[-1] / 2
+        half[kind] = float(g[g.step <= mid].value.iloc[-1] - g.value.iloc[0])
+    rows = []
+    if "id" not in s.index:
+        return pd.DataFrame(rows)
+    for kind in [k for k in s.index if k != "id"]:
+        checks = [
+            ("OOD needs more steps to unlearn", "steps_to_target", s.loc["id", "steps_to_target"],
+             s.loc[kind, "steps_to_target"], lambda i, o: o > i),
+            ("OOD has a better quality/utility trade-off (less perplexity lost per bit removed)",
+             "ppl_increase_per_bit", s.loc["id", "ppl_increase_per_bit"], s.loc[kind, "ppl_increase_per_bit"],
+             lambda i, o: o < i),
+            ("ID unlearning makes utility decay faster (perplexity rise over the first half of the steps)",
+             "ppl_rise_first_half", half.get("id", np.nan), half.get(kind, np.nan), lambda i, o: i > o),
+        ]
+        for claim, measure, id_value, ood_value, agrees in checks:
+            ok = np.isfinite(id_value) and np.isfinite(ood_value)
+            rows.append({"claim": claim, "ood_kind": kind, "measure": measure, "id_value": float(id_value),
+                         "ood_value": float(ood_value),
+                         "verdict": ("agrees" if agrees(id_value, ood_value) else "disagrees") if ok else "not measurable"})
+    return pd.DataFrame(rows)
+
+
+def claims_markdown(table: pd.DataFrame, method: str = "ga") -> str:
+    """A short written summary of `claims(...)`, one bullet per claim."""
+    if table.empty:
+        return "No ID forget set in this run, so the ID-vs-OOD claims cannot be checked."
+    lines = [f"**What this run measured ({method}):**", ""]
+    for claim, g in table.groupby("claim", sort=False):
+        parts = [f"{r.ood_kind}: ID {r.id_value:.3g} vs OOD {r.ood_value:.3g} → {r.verdict}" for r in g.itertuples()]
+        n_agree = (g.verdict == "agrees").sum()
+        lines.append(f"- *{claim}* — the run agrees for {n_agree} of {len(g)} OOD kinds ({'; '.join(parts)}).")
+    return "\n".join(lines)

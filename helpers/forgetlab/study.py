@@ -298,10 +298,12 @@ def claims(summary: pd.DataFrame, util: pd.DataFrame, method: str = "ga") -> pd.
     rows = []
     if "id" not in s.index:
         return pd.DataFrame(rows)
+    budget = float(s.max_steps.max())
+    # a target never reached counts as "more than the step budget" (a censored value), not as missing
+    steps = s.steps_to_target.fillna(np.inf)
     for kind in [k for k in s.index if k != "id"]:
         checks = [
-            ("OOD needs more steps to unlearn", "steps_to_target", s.loc["id", "steps_to_target"],
-             s.loc[kind, "steps_to_target"], lambda i, o: o > i),
+            ("OOD needs more steps to unlearn", "steps_to_target", steps["id"], steps[kind], lambda i, o: o > i),
             ("OOD has a better quality/utility trade-off (less perplexity lost per bit removed)",
              "ppl_increase_per_bit", s.loc["id", "ppl_increase_per_bit"], s.loc[kind, "ppl_increase_per_bit"],
              lambda i, o: o < i),
@@ -309,9 +311,9 @@ def claims(summary: pd.DataFrame, util: pd.DataFrame, method: str = "ga") -> pd.
              "ppl_rise_first_half", half.get("id", np.nan), half.get(kind, np.nan), lambda i, o: i > o),
         ]
         for claim, measure, id_value, ood_value, agrees in checks:
-            ok = np.isfinite(id_value) and np.isfinite(ood_value)
+            ok = not (np.isnan(id_value) or np.isnan(ood_value) or (np.isinf(id_value) and np.isinf(ood_value)))
             rows.append({"claim": claim, "ood_kind": kind, "measure": measure, "id_value": float(id_value),
-                         "ood_value": float(ood_value),
+                         "ood_value": float(ood_value), "step_budget": budget,
                          "verdict": ("agrees" if agrees(id_value, ood_value) else "disagrees") if ok else "not measurable"})
     return pd.DataFrame(rows)
 
@@ -322,7 +324,10 @@ def claims_markdown(table: pd.DataFrame, method: str = "ga") -> str:
         return "No ID forget set in this run, so the ID-vs-OOD claims cannot be checked."
     lines = [f"**What this run measured ({method}):**", ""]
     for claim, g in table.groupby("claim", sort=False):
-        parts = [f"{r.ood_kind}: ID {r.id_value:.3g} vs OOD {r.ood_value:.3g} → {r.verdict}" for r in g.itertuples()]
+        def fmt(v: float, budget: float) -> str:
+            return f"not reached in {budget:.0f} steps" if np.isinf(v) else ("n/a" if np.isnan(v) else f"{v:.3g}")
+        parts = [f"{r.ood_kind}: ID {fmt(r.id_value, r.step_budget)} vs OOD {fmt(r.ood_value, r.step_budget)} → {r.verdict}"
+                 for r in g.itertuples()]
         n_agree = (g.verdict == "agrees").sum()
         lines.append(f"- *{claim}* — the run agrees for {n_agree} of {len(g)} OOD kinds ({'; '.join(parts)}).")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import pandas as pd
@@ -24,6 +25,10 @@ DATA_KEYS = ("seed", "heldout_plays", "max_train_tokens", "vocab_size", "forget_
              "population_size", "control_size", "block_size")
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "block_size", "epochs", "batch_size", "learning_rate", "warmup_steps")
 EVAL_ROWS = 64
+# Same parameters, same numbers: deterministic kernels for everything that uses the models,
+# including runs that load every model from the cache and never call build_model.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+torch.use_deterministic_algorithms(True)
 DATA_VERSION = 3  # bump when build_study_data changes its output
 
 
@@ -87,7 +92,8 @@ def get_model(p: dict, data: StudyData, role: str, seed: int, cache: ArtifactCac
     curve = train_lm(model, ids, labels, epochs=p["epochs"], batch_size=p["batch_size"],
                      learning_rate=p["learning_rate"], warmup_steps=p["warmup_steps"], seed=seed, device=device,
                      eval_rows=data.heldout_rows[:EVAL_ROWS], desc=f"{role} seed {seed}")
-    meta = {"role": role, "seed": seed, "parameters": count_parameters(model), "train_rows": len(ids),
+    meta = {"role": role, "seed": seed, "data_fingerprint": data.fingerprint(),
+            "parameters": count_parameters(model), "train_rows": len(ids),
             "train_tokens": int((labels != -100).sum()), "curve": curve.to_dict(orient="list")}
     cache.save("models", key, meta, tensors=model.state_dict())
     return TrainedModel(role, seed, model.eval(), curve, meta)

@@ -223,6 +223,16 @@ def _digit_ids(data: StudyData) -> list[int]:
     return ids
 
 
+def all_candidate_logprobs(model: torch.nn.Module, data: StudyData) -> np.ndarray:
+    """ll of every candidate secret of R under `model`: the trie scorer for GPT-2, full sequences otherwise."""
+    from .exposure_trie import trie_candidate_logprobs
+    prefix, digit_ids, digits = data.canary_prefix_ids(), _digit_ids(data), data.canary_digits
+    try:
+        return trie_candidate_logprobs(model, prefix, digit_ids, digits)
+    except TypeError:   # not a GPT-2 block layout: score full sequences
+        return canary_candidate_logprobs(model, prefix, digit_ids, digits)
+
+
 def canary_exposures(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame) -> pd.DataFrame:
     """Exact exposure of each canary row of `examples`: columns uid, exposure_bits, rank.
 
@@ -234,7 +244,7 @@ def canary_exposures(model: torch.nn.Module, data: StudyData, examples: pd.DataF
         return pd.DataFrame({"uid": pd.Series(dtype=str), "exposure_bits": pd.Series(dtype=float),
                              "rank": pd.Series(dtype=int)})
     digits = data.canary_digits
-    cand = canary_candidate_logprobs(model, data.canary_prefix_ids(), _digit_ids(data), digits)
+    cand = all_candidate_logprobs(model, data)
     rows = []
     for r in canaries.itertuples():
         secret = str(r.secret)

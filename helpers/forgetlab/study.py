@@ -117,7 +117,7 @@ def make_evaluator(data: StudyData, view: ForgetSetView, final_step: int):
                 recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_bits",
                              "value": float(metrics.extrapolated_exposure(ll_t[i], ll_pop))})
         if view.kind == "canary" and step in (0, final_step):
-            all_ll = _candidate_logprobs(model, data)
+            all_ll = metrics.all_candidate_logprobs(model, data)
             for i, r in enumerate(view.targets.itertuples()):
                 recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_exact_bits",
                              "value": metrics.exposure_from_logprobs(ll_t[i], all_ll)})
@@ -129,16 +129,6 @@ def make_evaluator(data: StudyData, view: ForgetSetView, final_step: int):
         return recs
 
     return evaluate
-
-
-def _candidate_logprobs(model, data: StudyData) -> np.ndarray:
-    prefix = data.canary_prefix_ids()
-    digit_ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
-    try:
-        from .exposure_trie import trie_candidate_logprobs
-        return trie_candidate_logprobs(model, prefix, digit_ids, data.canary_digits)
-    except ImportError:
-        return metrics.canary_candidate_logprobs(model, prefix, digit_ids, data.canary_digits)
 
 
 def retain_rows(data: StudyData, seed: int) -> np.ndarray:

@@ -22,6 +22,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def make_optimizer(model: torch.nn.Module, learning_rate: float, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW as the training loop uses it; `fused` runs the update as one kernel per device."""
+    return torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.01,
+                             fused=fused or None)
+
+
 def train_lm(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, *, epochs: float, batch_size: int,
              learning_rate: float, warmup_steps: int, seed: int, device: torch.device,
              eval_rows: np.ndarray | None = None, evals: int = 8, desc: str = "training") -> pd.DataFrame:
@@ -36,7 +42,7 @@ def train_lm(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, *, epo
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * batch_size / n) + 1)])
     ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = make_optimizer(model, learning_rate)
     eval_at = set(np.linspace(0, steps, evals + 1, dtype=int).tolist()) if eval_rows is not None else set()
     curve = []
     for step in tqdm(range(steps + 1), desc=desc, leave=False, mininterval=1.0):

@@ -18,3 +18,13 @@ nbval_cache=$(mktemp -d)
 trap 'rm -rf "$nbval_cache"' EXIT
 FORGETLAB_CACHE="$nbval_cache" $py -m pytest --nbval outputs/smoke/notebooks -q -p no:cacheprovider \
   --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 900
+
+echo "== browser test: notebook 03 in JupyterLab, driven in headless Chromium (screenshots: outputs/browser/)"
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[browser] /usr/bin/chromium is missing: installing Debian's chromium package"
+  sudo_=""
+  [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
+FORGETLAB_REQUIRE_BROWSER=1 $py -m pytest tests -q -m browser -p no:cacheprovider

@@ -97,7 +97,8 @@ def line_start_windows(tok: Tokenizer, text: str, length: int) -> list[list[int]
     return windows
 
 
-def _dedupe(windows: list[list[int]]) -> list[list[int]]:
+def dedupe_windows(windows: list[list[int]]) -> list[list[int]]:
+    """Drop repeated token windows (chatterbot repeats answers), keeping first occurrences in order."""
     seen, out = set(), []
     for w in windows:
         if tuple(w) not in seen:
@@ -106,8 +107,9 @@ def _dedupe(windows: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _row(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, tok: Tokenizer,
+def example_row(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, tok: Tokenizer,
          secret: str = "") -> dict:
+    """One row of the examples table (token ids start with BOS; scored from `score_start`)."""
     return {"uid": f"{kind}-{role}-{i:03d}", "kind": kind, "role": role, "source": source,
             "text": decode(tok, ids), "ids": list(ids), "n_tokens": len(ids) - 1,
             "score_start": score_start, "n_scored": len(ids) - score_start, "secret": secret}
@@ -116,14 +118,14 @@ def _row(kind: str, role: str, i: int, source: str, ids: list[int], score_start:
 def _assign_text_roles(kind: str, source: str, windows: list[list[int]], counts: dict[str, int],
                        tok: Tokenizer, rng: random.Random) -> list[dict]:
     need = sum(counts.values())
-    windows = _dedupe(windows)
+    windows = dedupe_windows(windows)
     if len(windows) < need:
         raise ValueError(f"source {source!r} has {len(windows)} distinct windows but {kind} needs {need} "
                          f"({counts}): lower forget_size/background_size/population_size/example_tokens")
     rng.shuffle(windows)
     rows, pos = [], 0
     for role, n in counts.items():
-        rows += [_row(kind, role, i, source, [bos_id(tok)] + w, 1, tok) for i, w in enumerate(windows[pos:pos + n])]
+        rows += [example_row(kind, role, i, source, [bos_id(tok)] + w, 1, tok) for i, w in enumerate(windows[pos:pos + n])]
         pos += n
     return rows
 
@@ -154,7 +156,7 @@ def build_study_data(p: dict) -> StudyData:
     for j, c in enumerate(sorted(chosen)):
         pi, w = candidates[c]
         cut.setdefault(pi, []).append(w)
-        rows.append(_row("id", "forget", j, "shakespeare/train", [bos] + w, 1, tok))
+        rows.append(example_row("id", "forget", j, "shakespeare/train", [bos] + w, 1, tok))
     stream: list[int] = []
     for pi, ids in enumerate(play_ids):
         for w in cut.get(pi, []):
@@ -185,7 +187,7 @@ def build_study_data(p: dict) -> StudyData:
         secrets = [f"{s:0{digits}d}" for s in rng.sample(range(10 ** digits), need)]
         start = len(canary_prefix_ids(tok))
         for role, group in (("forget", secrets[:F]), ("background", secrets[F:F + B]), ("control", secrets[F + B:])):
-            rows += [_row("canary", role, i, "canary/template", canary_ids(tok, s), start, tok, s)
+            rows += [example_row("canary", role, i, "canary/template", canary_ids(tok, s), start, tok, s)
                      for i, s in enumerate(group)]
 
     examples = pd.DataFrame(rows)

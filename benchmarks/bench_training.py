@@ -1,89 +1,206 @@
 """Training throughput of the tiny model against the machine's dense matmul limit, measured in one run.
 
-Achieved FLOP/s = (6 x parameters + 12 x layers x d_model x context) x tokens / second (the usual
-forward+backward count, attention included); the limit is the best FLOP/s of a large square fp32
-matmul on the same threads, measured just before.
+Achieved FLOP/s = (6 x matmul parameters + 12 x layers x d_model x context) x tokens / second (the usual
+forward+backward count, full attention square included; position embeddings excluded, the tied token
+embedding counted once as the LM head). The limit is the best FLOP/s of a 2048 x 2048 fp32 matmul on the same
+threads, sampled between the training steps so that both see the same machine load.
 
-    .venv/bin/python benchmarks/bench_training.py [--profile default] [--steps 20]
+Every configuration trains its own copy of the model from the same seed on the same fixed batch, one step
+each in turn (round robin), so ratios compare like with like even on a busy machine; the time per step is
+the median over the timed rounds. Configurations with the same batch size must report the same losses
+(printed as a check; tests/test_training_speedups.py is the real test).
+
+    .venv/bin/python benchmarks/bench_training.py [--profile default] [--steps 20] [--threads 1 2] [--compile]
+
+straightforward = torch's default AdamW (a Python loop over tensors on CPU) and GPT-2's gelu_new as written;
+fast = what forgetlab.training.train_lm does now: fused AdamW, gelu_new run as one native GELU kernel.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import statistics
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-
-from forgetlab.config import load_params
-from forgetlab.models import count_parameters, model_config
-from forgetlab.training import make_optimizer
 from transformers import GPT2LMHeadModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MatmulLimit, load_average, matmul_parameters  # noqa: E402
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of FLOP/s of an n x n fp32 matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+from forgetlab.config import load_params  # noqa: E402
+from forgetlab.models import model_config  # noqa: E402
+from forgetlab.training import make_optimizer, native_gelu, train_step  # noqa: E402
+
+WARMUP = 3
+_KEEP = contextlib.ExitStack()   # native_gelu stays entered for the benchmark copies of the model
+
+
+@dataclass
+class Setting:
+    label: str
+    batch: int
+    adamw: str = "fused"          # "default" (torch's choice: a for-loop on CPU), "foreach" or "fused"
+    fast_gelu: bool = True
+    attn: str = "sdpa"            # transformers' default for GPT-2; "eager" is matmul + softmax by hand
+    compiled: bool = False
+
+
+@dataclass
+class Result:
+    setting: Setting
+    times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    first_call: float = float("nan")
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
 
 
 def step_flops(model: GPT2LMHeadModel, batch: int, context: int) -> float:
     cfg = model.config
-    n = count_parameters(model) - cfg.n_positions * cfg.n_embd   # position embeddings do no matmul work
-    return (6 * n + 12 * cfg.n_layer * cfg.n_embd * context) * batch * context
+    return (6 * matmul_parameters(model) + 12 * cfg.n_layer * cfg.n_embd * context) * batch * context
 
 
-def time_training(p: dict, batch: int, steps: int, fused: bool, compiled: bool = False) -> tuple[float, float]:
-    """Seconds per optimizer step (best of `steps`, after warm-up) and the last loss."""
+def build(p: dict, s: Setting, vocab: int):
+    """A fresh model (seed 0), its optimizer and a fixed batch; returns a zero-argument step function."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(model_config(p["vocab_size"], p["n_layer"], p["n_head"], p["d_model"], p["block_size"]))
-    model.train()
-    opt = make_optimizer(model, p["learning_rate"], fused=fused)
-    x = torch.randint(0, p["vocab_size"], (batch, p["block_size"]), generator=torch.Generator().manual_seed(0))
-    forward = torch.compile(model) if compiled else model
-    times, loss = [], float("nan")
-    for i in range(steps + 3):
+    cfg = model_config(vocab, p["n_layer"], p["n_head"], p["d_model"], p["block_size"])
+    cfg._attn_implementation = s.attn
+    model = GPT2LMHeadModel(cfg).train()
+    if s.fast_gelu:
+        _KEEP.enter_context(native_gelu(model))
+    if s.adamw == "foreach":
+        opt = torch.optim.AdamW(model.parameters(), lr=p["learning_rate"], betas=(0.9, 0.95), weight_decay=0.01,
+                                foreach=True)
+    else:
+        opt = make_optimizer(model, p["learning_rate"], fused=(s.adamw == "fused"))
+    x = torch.randint(0, vocab, (s.batch, p["block_size"]), generator=torch.Generator().manual_seed(0))
+    forward = torch.compile(model) if s.compiled else model
+    return (lambda: train_step(forward, opt, x, x)), model
+
+
+def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vocab: int) -> list[Result]:
+    """Round robin over the settings: WARMUP untimed rounds, then `steps` timed ones; a matmul sample each round."""
+    results, fns = [], []
+    for s in settings:
+        fn, _ = build(p, s, vocab)
+        r = Result(s)
         t = time.perf_counter()
-        out = forward(input_ids=x, labels=x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-        loss = out.loss.item()
-    times.sort()
-    return times[len(times) // 2], loss
+        r.losses.append(fn())                  # first call: includes torch.compile's compilation
+        r.first_call = time.perf_counter() - t
+        results.append(r)
+        fns.append(fn)
+    for i in range(WARMUP - 1 + steps):
+        for r, fn in zip(results, fns):
+            t = time.perf_counter()
+            r.losses.append(fn())
+            if i >= WARMUP - 1:
+                r.times.append(time.perf_counter() - t)
+        limit.sample()
+    return results
+
+
+def print_table(results: list[Result], p: dict, model: GPT2LMHeadModel, limit: MatmulLimit, base: Result) -> None:
+    ctx = p["block_size"]
+    print(f"  {'configuration':52s} {'s/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of limit':>8s} {'vs base':>8s}")
+    for r in results:
+        flops = step_flops(model, r.setting.batch, ctx) / r.seconds
+        base_tps = base.setting.batch / base.seconds
+        print(f"  {r.setting.label:52s} {r.seconds:8.3f} {r.setting.batch * ctx / r.seconds:9.0f} {flops / 1e9:8.1f} "
+              f"{flops / limit.flops:8.1%} {r.setting.batch / r.seconds / base_tps:7.2f}x")
+
+
+def loss_check(results: list[Result], base: Result) -> float:
+    """Largest |loss - base loss| over all steps, among settings with the base's batch size."""
+    diffs = [abs(a - b) for r in results if r.setting.batch == base.setting.batch and r is not base
+             for a, b in zip(r.losses, base.losses)]
+    return max(diffs, default=0.0)
+
+
+def run(profile: str = "default", steps: int = 20, threads: list[int] | None = None, compile: bool = False,
+        sweep: bool = True) -> list[dict]:
+    """Print the training section; return one summary line per thread count (torch's default first):
+    fast and straightforward seconds per step, their ratio, and the fast step's fraction of the matmul limit."""
+    p = load_params(profile)
+    vocab = p["vocab_size"]
+    default_threads = torch.get_num_threads()
+    threads = threads or [default_threads]
+    b = p["batch_size"]
+    model = GPT2LMHeadModel(model_config(vocab, p["n_layer"], p["n_head"], p["d_model"], p["block_size"]))
+    print(f"model: {matmul_parameters(model) / 1e6:.2f} M matmul parameters ({p['n_layer']} layers, d_model "
+          f"{p['d_model']}, vocab {vocab}), context {p['block_size']}, profile batch {b}; fp32, CPU")
+    print(f"FLOPs per step at batch {b}: {step_flops(model, b, p['block_size']) / 1e9:.2f} G")
+    lines = []
+    for t in threads:
+        torch.set_num_threads(t)
+        limit = MatmulLimit()
+        plain = Setting(f"straightforward: batch {b}, default AdamW, gelu_new", b, "default", False)
+        fast = Setting(f"fast (train_lm): batch {b}, fused AdamW, native GELU", b)
+        settings = [plain, fast]
+        if sweep and t == threads[0]:   # the full sweep on the first thread count only
+            settings += [Setting(f"  batch {b}, foreach AdamW, gelu_new", b, "foreach", False),
+                         Setting(f"  batch {b}, fused AdamW, gelu_new", b, "fused", False),
+                         Setting(f"  batch {b}, default AdamW, native GELU", b, "default", True),
+                         Setting(f"  fast, eager attention (not SDPA)", b, attn="eager"),
+                         Setting(f"  fast, batch {b // 2}", b // 2),
+                         Setting(f"  fast, batch {2 * b}", 2 * b),
+                         Setting(f"  fast, batch {4 * b}", 4 * b)]
+        if compile and t == threads[0]:
+            settings.append(Setting(f"  fast + torch.compile", b, compiled=True))
+        print(f"\n[{t} thread{'s' if t > 1 else ''}] {load_average()} (before)")
+        results = measure(p, settings, steps, limit, vocab)
+        print(f"dense fp32 matmul limit on {t} thread{'s' if t > 1 else ''}: {limit.flops / 1e9:.1f} GFLOP/s "
+              f"(best 2048^3 matmul, sampled between steps); {load_average()} (after)")
+        print_table(results, p, model, limit, results[0])
+        print(f"  same batch, same seed: max |loss - straightforward loss| over {len(results[0].losses)} steps = "
+              f"{loss_check(results, results[0]):.1e}")
+        if any(r.setting.compiled for r in results):
+            _compile_verdict(p, results, model)
+        r_plain, r_fast = results[0], results[1]
+        fl = step_flops(model, b, p["block_size"])
+        lines.append({"name": f"training step, batch {b}, {t} thread{'s' if t > 1 else ''}",
+                      "fast": r_fast.seconds, "straightforward": r_plain.seconds,
+                      "ratio": r_plain.seconds / r_fast.seconds, "fraction": fl / r_fast.seconds / limit.flops,
+                      "fraction_straightforward": fl / r_plain.seconds / limit.flops, "threads": t})
+    torch.set_num_threads(default_threads)
+    _KEEP.close()
+    lines.sort(key=lambda line: line["threads"] != default_threads)   # torch's own thread count first
+    return lines
+
+
+def _compile_verdict(p: dict, results: list[Result], model) -> None:
+    fast = results[1]
+    comp = next(r for r in results if r.setting.compiled)
+    rows = math.ceil(p["epochs"] * p["max_train_tokens"] / p["block_size"])
+    run_steps = math.ceil(rows / p["batch_size"])
+    saved = fast.seconds - comp.seconds
+    compile_s = comp.first_call - fast.first_call
+    print(f"  torch.compile: first call {comp.first_call:.1f} s (compilation ~{compile_s:.1f} s), "
+          f"{comp.seconds:.3f} vs {fast.seconds:.3f} s/step")
+    if saved <= 0:
+        print("  -> compiled steps are not faster: never pays")
+    else:
+        print(f"  -> pays after {compile_s / saved:.0f} steps; one training run of this profile is ~{run_steps} steps "
+              f"({'pays' if run_steps * saved > compile_s else 'does not pay'}: saves {run_steps * saved:.0f} s "
+              f"for {compile_s:.0f} s of compiling)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="default")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed rounds (each setting one step per round)")
+    ap.add_argument("--threads", type=int, nargs="*", help="torch thread counts to try, the first with the full "
+                                                            "sweep (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="also try torch.compile (slow to start)")
+    ap.add_argument("--no-sweep", action="store_true", help="only straightforward and fast")
     args = ap.parse_args()
-    p = load_params(args.profile)
-    peak = matmul_peak()
-    model = GPT2LMHeadModel(model_config(p["vocab_size"], p["n_layer"], p["n_head"], p["d_model"], p["block_size"]))
-    print(f"threads {torch.get_num_threads()}; dense fp32 matmul limit {peak / 1e9:.1f} GFLOP/s; "
-          f"model {count_parameters(model) / 1e6:.2f} M parameters, context {p['block_size']}")
-    print(f"{'configuration':38s} {'s/step':>8s} {'tokens/s':>10s} {'GFLOP/s':>8s} {'of limit':>8s}")
-    configs = [("straightforward: batch {b}, foreach AdamW", p["batch_size"], False, False),
-               ("fast: batch {b}, fused AdamW", p["batch_size"], True, False),
-               ("fast: batch {b}, fused AdamW", 2 * p["batch_size"], True, False)]
-    if args.compile:
-        configs.append(("fast: batch {b}, fused AdamW, compiled", p["batch_size"], True, True))
-    base = None
-    for label, batch, fused, compiled in configs:
-        sec, _ = time_training(p, batch, args.steps, fused, compiled)
-        flops = step_flops(model, batch, p["block_size"]) / sec
-        base = base or flops
-        print(f"{label.format(b=batch):38s} {sec:8.3f} {batch * p['block_size'] / sec:10.0f} {flops / 1e9:8.1f} "
-              f"{flops / peak:8.1%}   (x{flops / base:.2f})")
+    run(args.profile, args.steps, args.threads, args.compile, not args.no_sweep)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def dedupe_windows(windows: list[list[int]]) -> list[list[int]]:
 
 
 def example_row(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, tok: Tokenizer,
-         secret: str = "") -> dict:
+                secret: str = "") -> dict:
     """One row of the examples table (token ids start with BOS; scored from `score_start`)."""
     return {"uid": f"{kind}-{role}-{i:03d}", "kind": kind, "role": role, "source": source,
             "text": decode(tok, ids), "ids": list(ids), "n_tokens": len(ids) - 1,

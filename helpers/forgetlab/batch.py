@@ -46,11 +46,29 @@ def run_batch(profile: str, selection: list[str] | None = None, output_dir: str 
                             progress_bar=False)
         timings[nb.stem] = round(time.perf_counter() - t0, 1)
         print(f"[forgetlab] {nb.name} done in {timings[nb.stem]:.1f} s", flush=True)
-    timings["total"] = round(time.perf_counter() - start, 1)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    report = {"profile": params_path.name, "seconds": timings, "peak_kernel_rss_mib": round(kids, 1)}
+    elapsed = round(time.perf_counter() - start, 1)
+    kids = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    report = merge_timings(out / "timings.json", params_path.name, timings, kids, partial=bool(selection))
     (out / "timings.json").write_text(json.dumps(report, indent=2))
-    print(f"[forgetlab] all done in {timings['total']:.1f} s; outputs in {out}", flush=True)
+    print(f"[forgetlab] all done in {elapsed:.1f} s; outputs in {out}", flush=True)
+    return report
+
+
+def merge_timings(path: Path, profile: str, seconds: dict[str, float], peak_mib: float, partial: bool) -> dict:
+    """The timings report of a run. A partial run (``--only``) updates the notebooks it ran in the report of an
+    earlier run of the same profile, so `timings.json` keeps one figure per notebook; `total` is their sum."""
+    report = {"profile": profile, "seconds": {}, "peak_kernel_rss_mib": peak_mib}
+    if partial and path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("profile") == profile:
+            report["seconds"] = {k: v for k, v in old.get("seconds", {}).items() if k != "total"}
+            report["peak_kernel_rss_mib"] = max(peak_mib, old.get("peak_kernel_rss_mib", 0.0))
+    report["seconds"].update(seconds)
+    report["seconds"] = dict(sorted(report["seconds"].items()))
+    report["seconds"]["total"] = round(sum(report["seconds"].values()), 1)
     return report
 
 

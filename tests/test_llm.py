@@ -289,6 +289,8 @@ def test_llm_params_are_checked_before_work():
         ls.check_llm_params(p)
     with pytest.raises(ls.LLMStudyError, match="30 blocks"):
         ls.check_llm_params(load_params("smoke", {"llm_train_layers": 31}), n_layers=30)
+    for profile in ("smoke", "default", "full"):     # every shipped profile passes (full included, sized for a GPU)
+        ls.check_llm_params(load_params(profile), n_layers=30)
 
 
 def test_finetune_order_keeps_the_shared_rows_in_the_same_order():

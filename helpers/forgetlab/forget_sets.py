@@ -31,8 +31,21 @@ ROLES = ("forget", "background", "population", "control")
 IGNORE = -100
 
 
+class ExampleTable:
+    """Row selection over an ``examples`` table with ``kind`` and ``role`` columns (tiny and LLM study data)."""
+    examples: pd.DataFrame
+
+    def select(self, kind: str | None = None, role: str | None = None) -> pd.DataFrame:
+        df = self.examples
+        if kind is not None:
+            df = df[df.kind == kind]
+        if role is not None:
+            df = df[df.role == role]
+        return df
+
+
 @dataclass
-class StudyData:
+class StudyData(ExampleTable):
     """Tokenizer, example table and token rows shared by every notebook."""
     tokenizer: Tokenizer
     examples: pd.DataFrame
@@ -47,14 +60,6 @@ class StudyData:
     @property
     def bos(self) -> int:
         return bos_id(self.tokenizer)
-
-    def select(self, kind: str | None = None, role: str | None = None) -> pd.DataFrame:
-        df = self.examples
-        if kind is not None:
-            df = df[df.kind == kind]
-        if role is not None:
-            df = df[df.role == role]
-        return df
 
     def canary_prefix_ids(self) -> list[int]:
         return canary_prefix_ids(self.tokenizer)

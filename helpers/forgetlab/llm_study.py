@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from . import metrics, study
 from .cache import ArtifactCache, cache_key
 from .config import METHODS
-from .forget_sets import CANARY_PREFIX, IGNORE, pad_rows
+from .forget_sets import CANARY_PREFIX, IGNORE, ExampleTable, dedupe_windows, pad_rows
 from .models import seed_everything
 from .scoring import mean_token_loss
 from .training import lr_at
@@ -149,7 +149,7 @@ def canary_candidate_logprobs(model: torch.nn.Module, prefix_ids: list[int], dig
 # --------------------------------------------------------------------------------------------- data
 
 @dataclass
-class LLMStudyData:
+class LLMStudyData(ExampleTable):
     """Every example of the LLM study (one table, roles as in :mod:`forgetlab.forget_sets`) and the token rows."""
     examples: pd.DataFrame            # uid, kind, role, source, text, ids, n_tokens, score_start, n_scored, secret
     retain_rows: np.ndarray           # [n, L+1] shared English training windows (both models; graddiff's retain set)
@@ -162,14 +162,6 @@ class LLMStudyData:
     background_insertions: int
     sources: dict = field(default_factory=dict)
 
-    def select(self, kind: str | None = None, role: str | None = None) -> pd.DataFrame:
-        df = self.examples
-        if kind is not None:
-            df = df[df.kind == kind]
-        if role is not None:
-            df = df[df.role == role]
-        return df
-
     def fingerprint(self) -> str:
         """Hash of everything a model fine-tuned on this data depends on."""
         h = hashlib.sha256()
@@ -181,19 +173,7 @@ class LLMStudyData:
 
     def retain_sample(self, n: int) -> np.ndarray:
         """A fixed sample of ``n`` shared training windows (in order), for the retain loss."""
-        idx = np.sort(np.random.default_rng(metrics.RETAIN_SEED).choice(len(self.retain_rows),
-                                                                        size=min(n, len(self.retain_rows)),
-                                                                        replace=False))
-        return self.retain_rows[idx]
-
-
-def _distinct(windows: list[list[int]]) -> list[list[int]]:
-    seen, out = set(), []
-    for w in windows:
-        if tuple(w) not in seen:
-            seen.add(tuple(w))
-            out.append(w)
-    return out
+        return metrics.seeded_rows(self.retain_rows, n)
 
 
 def _row(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, tokenizer,
@@ -250,13 +230,13 @@ def build_llm_data(p: dict, tokenizer, english: list[str] | None = None,
     train: list[list[int]] = []
     held_docs = 0
     for i in order:
-        if len(_distinct(held)) < need_held:
-            held += per_doc[i]
+        if len(held) < need_held:
+            held = dedupe_windows(held + per_doc[i])
             held_docs += 1
         else:
             train += per_doc[i]
-    held, train = _distinct(held), _distinct(train)
-    train = [w for w in train if tuple(w) not in {tuple(h) for h in held}]
+    held_set = {tuple(h) for h in held}
+    train = [w for w in dedupe_windows(train) if tuple(w) not in held_set]
     if len(held) < need_held or len(train) < T + F:
         raise LLMStudyError(f"the English source {p['llm_english_source']!r} has {len(held) + len(train)} distinct "
                             f"windows of {L} tokens but the study needs {need_held} held-out (population + control + "
@@ -276,7 +256,7 @@ def build_llm_data(p: dict, tokenizer, english: list[str] | None = None,
     retain_rows = np.asarray([[start] + w for w in shared_w], dtype=np.int64)
 
     # The low-resource language: forget, background (both models), population and controls from one pool.
-    lang = _distinct(token_windows(tokenizer, lowresource, L))
+    lang = dedupe_windows(token_windows(tokenizer, lowresource, L))
     counts = {"forget": F, "background": B, "population": P, "control": C}
     if len(lang) < sum(counts.values()):
         raise LLMStudyError(f"the low-resource source has {len(lang)} distinct windows of {L} tokens but the study "
@@ -651,24 +631,14 @@ def make_evaluator(data: LLMStudyData, view: LLMForgetSetView, final_step: int, 
             return start[view.kind]
         ll = metrics.example_logprobs(model, scored, batch_size=EVAL_BATCH)
         ll_t, ll_pop = ll[:n_t], ll[n_t:]
-        relex = metrics.relex_bits(ll_t, ll_pop)
-        recs = []
-        for i, r in enumerate(view.targets.itertuples()):
-            recs += [{"uid": r.uid, "role": r.role, "metric": "ll", "value": float(ll_t[i])},
-                     {"uid": r.uid, "role": r.role, "metric": "relex_bits", "value": float(relex[i])}]
-            if view.kind == "canary":
-                recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_bits",
-                             "value": float(metrics.extrapolated_exposure(ll_t[i], ll_pop))})
+        recs = study.target_records(view.targets, ll_t, ll_pop, extrapolate=view.kind == "canary")
         if view.kind == "canary" and step in (0, final_step):
             all_ll = canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, data.canary_digits)
             for r in view.targets.itertuples():
                 recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_exact_bits",
                              "value": metrics.exposure_from_logprobs(all_ll[int(r.secret)], all_ll)})
         per_token = ll / n_scored
-        recs.append({"uid": "", "role": "model", "metric": "membership_auc",
-                     "value": metrics.membership_auc(per_token[:n_t][is_forget], per_token[n_t:])})
-        for name, value in utility(model, data).items():
-            recs.append({"uid": "", "role": "model", "metric": name, "value": float(value)})
+        recs += study.model_records(per_token[:n_t][is_forget], per_token[n_t:], utility(model, data))
         if step == 0 and start is not None:
             start[view.kind] = recs
         return recs

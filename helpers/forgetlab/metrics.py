@@ -256,11 +256,15 @@ def canary_exposures(model: torch.nn.Module, data: StudyData, examples: pd.DataF
     return pd.DataFrame(rows)
 
 
+def seeded_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    """A fixed, seeded sample of `n` of `rows` (in original order): the rows the retain loss is measured on."""
+    idx = np.sort(np.random.default_rng(RETAIN_SEED).choice(len(rows), size=min(n, len(rows)), replace=False))
+    return rows[idx]
+
+
 def retain_sample(data: StudyData, eval_rows: int = 64) -> np.ndarray:
     """A fixed, seeded sample of `eval_rows` shared training rows (in original order), for the retain loss."""
-    n = len(data.train_rows)
-    idx = np.sort(np.random.default_rng(RETAIN_SEED).choice(n, size=min(eval_rows, n), replace=False))
-    return data.train_rows[idx]
+    return seeded_rows(data.train_rows, eval_rows)
 
 
 @torch.no_grad()

@@ -98,6 +98,28 @@ def reference_logprobs(models: dict[str, list[TrainedModel]], examples: pd.DataF
     return np.stack([metrics.example_logprobs(m.model, examples) for m in models["reference"]])
 
 
+def target_records(targets: pd.DataFrame, ll_t: np.ndarray, ll_pop: np.ndarray, extrapolate: bool) -> list[dict]:
+    """Per forget and control example: ``ll``, ``relex_bits`` against the population and, with `extrapolate`
+    (canaries), ``exposure_bits`` from a skew-normal fitted to the population."""
+    relex = metrics.relex_bits(ll_t, ll_pop)
+    exposure = metrics.extrapolated_exposure(ll_t, ll_pop) if extrapolate else None
+    recs = []
+    for i, r in enumerate(targets.itertuples()):
+        recs += [{"uid": r.uid, "role": r.role, "metric": "ll", "value": float(ll_t[i])},
+                 {"uid": r.uid, "role": r.role, "metric": "relex_bits", "value": float(relex[i])}]
+        if exposure is not None:
+            recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_bits", "value": float(exposure[i])})
+    return recs
+
+
+def model_records(per_token_forget: np.ndarray, per_token_pop: np.ndarray, utility: dict[str, float]) -> list[dict]:
+    """Per model: ``membership_auc`` (forget examples against the population, per-token ll) and the utility."""
+    recs = [{"uid": "", "role": "model", "metric": "membership_auc",
+             "value": metrics.membership_auc(per_token_forget, per_token_pop)}]
+    return recs + [{"uid": "", "role": "model", "metric": name, "value": float(value)}
+                   for name, value in utility.items()]
+
+
 def make_evaluator(data: StudyData, view: ForgetSetView, final_step: int):
     """The function the unlearner calls at each recorded step; returns tidy records."""
     scored = pd.concat([view.targets, view.population], ignore_index=True)
@@ -108,25 +130,15 @@ def make_evaluator(data: StudyData, view: ForgetSetView, final_step: int):
     def evaluate(model, step: int) -> list[dict]:
         ll = metrics.example_logprobs(model, scored)
         ll_t, ll_pop = ll[:n_t], ll[n_t:]
-        relex = metrics.relex_bits(ll_t, ll_pop)
-        recs = []
-        for i, r in enumerate(view.targets.itertuples()):
-            recs += [{"uid": r.uid, "role": r.role, "metric": "ll", "value": float(ll_t[i])},
-                     {"uid": r.uid, "role": r.role, "metric": "relex_bits", "value": float(relex[i])}]
-            if view.kind == "canary":
-                recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_bits",
-                             "value": float(metrics.extrapolated_exposure(ll_t[i], ll_pop))})
+        recs = target_records(view.targets, ll_t, ll_pop, extrapolate=view.kind == "canary")
         if view.kind == "canary" and step in (0, final_step):
             all_ll = metrics.all_candidate_logprobs(model, data)
             for i, r in enumerate(view.targets.itertuples()):
                 recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_exact_bits",
                              "value": metrics.exposure_from_logprobs(ll_t[i], all_ll)})
         per_token = ll / n_scored
-        auc = metrics.membership_auc(per_token[:n_t][is_forget], per_token[n_t:])
-        recs.append({"uid": "", "role": "model", "metric": "membership_auc", "value": auc})
-        for name, value in metrics.utility(model, data, eval_rows=UTILITY_ROWS).items():
-            recs.append({"uid": "", "role": "model", "metric": name, "value": float(value)})
-        return recs
+        return recs + model_records(per_token[:n_t][is_forget], per_token[n_t:],
+                                    metrics.utility(model, data, eval_rows=UTILITY_ROWS))
 
     return evaluate
 

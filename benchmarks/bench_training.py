@@ -7,18 +7,20 @@ threads, sampled between the training steps so that both see the same machine lo
 
 Every configuration trains its own copy of the model from the same seed on the same fixed batch, one step
 each in turn (round robin), so ratios compare like with like even on a busy machine; the time per step is
-the median over the timed rounds. Configurations with the same batch size must report the same losses
+the median over the timed rounds. Configurations that train the same model (same batch size and activation)
+must report the same losses
 (printed as a check; tests/test_training_speedups.py is the real test).
 
     .venv/bin/python benchmarks/bench_training.py [--profile default] [--steps 20] [--threads 1 2] [--compile]
 
-straightforward = torch's default AdamW (a Python loop over tensors on CPU) and GPT-2's gelu_new as written;
-fast = what forgetlab.training.train_lm does now: fused AdamW, gelu_new run as one native GELU kernel.
+straightforward = the model's own loss (full logits, then cross-entropy) and torch's default AdamW (a Python
+loop over tensors on CPU); fast = what forgetlab.training.train_lm does now: the chunked LM head + cross-entropy
+(training.LinearCrossEntropy) and fused AdamW. Both train the default tiny model, which uses the exact GELU;
+two sweep rows show the same step with GPT-2's tanh-approximate gelu_new instead (models.model_config says why).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import statistics
 import sys
@@ -34,10 +36,9 @@ from common import MatmulLimit, load_average, matmul_parameters  # noqa: E402
 
 from forgetlab.config import load_params  # noqa: E402
 from forgetlab.models import model_config  # noqa: E402
-from forgetlab.training import make_optimizer, native_gelu, train_step  # noqa: E402
+from forgetlab.training import make_optimizer, train_step  # noqa: E402
 
 WARMUP = 3
-_KEEP = contextlib.ExitStack()   # native_gelu stays entered for the benchmark copies of the model
 
 
 @dataclass
@@ -45,7 +46,9 @@ class Setting:
     label: str
     batch: int
     adamw: str = "fused"          # "default" (torch's choice: a for-loop on CPU), "foreach" or "fused"
-    fast_gelu: bool = True
+    chunked_loss: bool = True     # training.next_token_loss; False: the model's own loss over full logits
+    activation: str = "gelu"      # the tiny model's; "gelu_new" is GPT-2's tanh approximation as written,
+                                  # "gelu_pytorch_tanh" the same approximation as torch's native kernel
     attn: str = "sdpa"            # transformers' default for GPT-2; "eager" is matmul + softmax by hand
     compiled: bool = False
 
@@ -72,17 +75,28 @@ def build(p: dict, s: Setting, vocab: int):
     torch.manual_seed(0)
     cfg = model_config(vocab, p["n_layer"], p["n_head"], p["d_model"], p["block_size"])
     cfg._attn_implementation = s.attn
+    cfg.activation_function = s.activation
     model = GPT2LMHeadModel(cfg).train()
-    if s.fast_gelu:
-        _KEEP.enter_context(native_gelu(model))
     if s.adamw == "foreach":
         opt = torch.optim.AdamW(model.parameters(), lr=p["learning_rate"], betas=(0.9, 0.95), weight_decay=0.01,
                                 foreach=True)
     else:
         opt = make_optimizer(model, p["learning_rate"], fused=(s.adamw == "fused"))
     x = torch.randint(0, vocab, (s.batch, p["block_size"]), generator=torch.Generator().manual_seed(0))
-    forward = torch.compile(model) if s.compiled else model
-    return (lambda: train_step(forward, opt, x, x)), model
+    if s.compiled:
+        model.base_model.compile()   # in place; next_token_loss calls the base model, not model.forward
+    forward = model
+    return (lambda: train_step(forward, opt, x, x) if s.chunked_loss else plain_step(forward, opt, x)), model
+
+
+def plain_step(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """train_step with the model's own loss: full logits, then cross-entropy."""
+    loss = model(input_ids=x, labels=x).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vocab: int) -> list[Result]:
@@ -106,27 +120,49 @@ def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vo
     return results
 
 
-def print_table(results: list[Result], p: dict, model: GPT2LMHeadModel, limit: MatmulLimit, base: Result) -> None:
+def print_table(results: list[Result], p: dict, model: GPT2LMHeadModel, limit: MatmulLimit, base: Result,
+                base_name: str = "base") -> None:
     ctx = p["block_size"]
-    print(f"  {'configuration':52s} {'s/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of limit':>8s} {'vs base':>8s}")
+    print(f"  {'configuration':58s} {'s/step':>7s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of limit':>8s} "
+          f"{'vs ' + base_name:>8s}")
+    base_tps = base.setting.batch / base.seconds
     for r in results:
         flops = step_flops(model, r.setting.batch, ctx) / r.seconds
-        base_tps = base.setting.batch / base.seconds
-        print(f"  {r.setting.label:52s} {r.seconds:8.3f} {r.setting.batch * ctx / r.seconds:9.0f} {flops / 1e9:8.1f} "
+        print(f"  {r.setting.label:58s} {r.seconds:7.3f} {r.setting.batch * ctx / r.seconds:9.0f} {flops / 1e9:8.1f} "
               f"{flops / limit.flops:8.1%} {r.setting.batch / r.seconds / base_tps:7.2f}x")
 
 
 def loss_check(results: list[Result], base: Result) -> float:
-    """Largest |loss - base loss| over all steps, among settings with the base's batch size."""
-    diffs = [abs(a - b) for r in results if r.setting.batch == base.setting.batch and r is not base
-             for a, b in zip(r.losses, base.losses)]
-    return max(diffs, default=0.0)
+    """Largest |loss - base loss| over all steps, among settings that train the same model on the same batch."""
+    same = [r for r in results if r is not base and r.setting.batch == base.setting.batch
+            and r.setting.activation == base.setting.activation]
+    return max((abs(a - b) for r in same for a, b in zip(r.losses, base.losses)), default=0.0)
+
+
+def sweep_settings(b: int, compile: bool) -> list[Setting]:
+    """What else was tried, each changing one thing in the fast step (or taking one speed-up away)."""
+    settings = [Setting(f"  full-logits loss (the model's own), fused AdamW", b, "fused", False),
+                Setting(f"  full-logits loss, foreach AdamW", b, "foreach", False),
+                Setting(f"  chunked loss, default AdamW", b, "default"),
+                Setting(f"  GPT-2's gelu_new as written, not the exact GELU", b, activation="gelu_new"),
+                Setting(f"  gelu_new as torch's native tanh kernel", b, activation="gelu_pytorch_tanh"),
+                Setting(f"  eager attention (not SDPA)", b, attn="eager"),
+                Setting(f"  batch {b // 2}", b // 2),
+                Setting(f"  batch {2 * b}", 2 * b),
+                Setting(f"  batch {4 * b}", 4 * b)]
+    if compile:
+        settings.append(Setting(f"  + torch.compile", b, compiled=True))
+    return settings
 
 
 def run(profile: str = "default", steps: int = 20, threads: list[int] | None = None, compile: bool = False,
         sweep: bool = True) -> list[dict]:
     """Print the training section; return one summary line per thread count (torch's default first):
-    fast and straightforward seconds per step, their ratio, and the fast step's fraction of the matmul limit."""
+    fast and straightforward seconds per step, their ratio, and the fast step's fraction of the matmul limit.
+
+    The headline pair is timed on its own (two models in turn, as close as a round robin gets to one training
+    run); the sweep is a second round robin, of the fast step against its variants, on the first thread count.
+    """
     p = load_params(profile)
     vocab = p["vocab_size"]
     default_threads = torch.get_num_threads()
@@ -134,48 +170,44 @@ def run(profile: str = "default", steps: int = 20, threads: list[int] | None = N
     b = p["batch_size"]
     model = GPT2LMHeadModel(model_config(vocab, p["n_layer"], p["n_head"], p["d_model"], p["block_size"]))
     print(f"model: {matmul_parameters(model) / 1e6:.2f} M matmul parameters ({p['n_layer']} layers, d_model "
-          f"{p['d_model']}, vocab {vocab}), context {p['block_size']}, profile batch {b}; fp32, CPU")
+          f"{p['d_model']}, vocab {vocab}, {model.config.activation_function}), context {p['block_size']}, "
+          f"profile batch {b}; fp32, CPU")
     print(f"FLOPs per step at batch {b}: {step_flops(model, b, p['block_size']) / 1e9:.2f} G")
     lines = []
     for t in threads:
         torch.set_num_threads(t)
         limit = MatmulLimit()
-        plain = Setting(f"straightforward: batch {b}, default AdamW, gelu_new", b, "default", False)
-        fast = Setting(f"fast (train_lm): batch {b}, fused AdamW, native GELU", b)
-        settings = [plain, fast]
-        if sweep and t == threads[0]:   # the full sweep on the first thread count only
-            settings += [Setting(f"  batch {b}, foreach AdamW, gelu_new", b, "foreach", False),
-                         Setting(f"  batch {b}, fused AdamW, gelu_new", b, "fused", False),
-                         Setting(f"  batch {b}, default AdamW, native GELU", b, "default", True),
-                         Setting(f"  fast, eager attention (not SDPA)", b, attn="eager"),
-                         Setting(f"  fast, batch {b // 2}", b // 2),
-                         Setting(f"  fast, batch {2 * b}", 2 * b),
-                         Setting(f"  fast, batch {4 * b}", 4 * b)]
-        if compile and t == threads[0]:
-            settings.append(Setting(f"  fast + torch.compile", b, compiled=True))
+        plain = Setting(f"straightforward: batch {b}, full-logits loss, default AdamW", b, "default", False)
+        fast = Setting(f"fast (train_lm): batch {b}, chunked loss, fused AdamW", b)
         print(f"\n[{t} thread{'s' if t > 1 else ''}] {load_average()} (before)")
-        results = measure(p, settings, steps, limit, vocab)
+        results = measure(p, [plain, fast], steps, limit, vocab)
         print(f"dense fp32 matmul limit on {t} thread{'s' if t > 1 else ''}: {limit.flops / 1e9:.1f} GFLOP/s "
               f"(best 2048^3 matmul, sampled between steps); {load_average()} (after)")
         print_table(results, p, model, limit, results[0])
         print(f"  same batch, same seed: max |loss - straightforward loss| over {len(results[0].losses)} steps = "
               f"{loss_check(results, results[0]):.1e}")
-        if any(r.setting.compiled for r in results):
-            _compile_verdict(p, results, model)
-        r_plain, r_fast = results[0], results[1]
+        r_plain, r_fast = results
         fl = step_flops(model, b, p["block_size"])
         lines.append({"name": f"training step, batch {b}, {t} thread{'s' if t > 1 else ''}",
                       "fast": r_fast.seconds, "straightforward": r_plain.seconds,
                       "ratio": r_plain.seconds / r_fast.seconds, "fraction": fl / r_fast.seconds / limit.flops,
                       "fraction_straightforward": fl / r_plain.seconds / limit.flops, "threads": t})
+        if t == threads[0] and (sweep or compile):
+            variants = sweep_settings(b, compile) if sweep else [Setting("  + torch.compile", b, compiled=True)]
+            print(f"\n[{t} thread{'s' if t > 1 else ''}, sweep: the fast step against one change at a time; "
+                  f"{len(variants) + 1} models in turn, so every row runs on colder caches than above]")
+            swept = measure(p, [Setting("fast (train_lm)", b)] + variants, steps, limit, vocab)
+            print_table(swept, p, model, limit, swept[0], "fast")
+            print(f"  same model and batch: max |loss - fast loss| = {loss_check(swept, swept[0]):.1e}")
+            if compile:
+                _compile_verdict(p, swept, model)
     torch.set_num_threads(default_threads)
-    _KEEP.close()
     lines.sort(key=lambda line: line["threads"] != default_threads)   # torch's own thread count first
     return lines
 
 
 def _compile_verdict(p: dict, results: list[Result], model) -> None:
-    fast = results[1]
+    fast = results[0]
     comp = next(r for r in results if r.setting.compiled)
     rows = math.ceil(p["epochs"] * p["max_train_tokens"] / p["block_size"])
     run_steps = math.ceil(rows / p["batch_size"])

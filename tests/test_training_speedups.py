@@ -1,12 +1,16 @@
-"""The training throughput choices (fused AdamW, native GELU kernel) train the same model as the plain loop."""
+"""The training throughput choices (fused AdamW, the chunked LM head + cross-entropy) train the same model as
+the plain loop (the model's own loss, torch's default AdamW)."""
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
-from transformers.activations import NewGELUActivation
 
 from forgetlab.models import model_config
-from forgetlab.training import lr_at, make_optimizer, native_gelu, train_lm, train_step
+from forgetlab.training import (LinearCrossEntropy, lr_at, make_optimizer, next_token_loss,
+                                train_lm, train_step)
 
 VOCAB, BLOCK, BATCH = 97, 16, 8
 
@@ -24,7 +28,7 @@ def batches(n: int = 5) -> list[torch.Tensor]:
 
 
 def plain_step(model, opt, x) -> float:
-    """The version-1 loop body, written out: HF loss, backward, clip, step."""
+    """The version-1 loop body, written out: the model's own loss, backward, clip, step."""
     out = model(input_ids=x, labels=x)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -33,16 +37,12 @@ def plain_step(model, opt, x) -> float:
     return out.loss.item()
 
 
-def train_losses(fused: bool, fast_gelu: bool, steps: int = 5, lr: float = 3e-3) -> tuple[list[float], GPT2LMHeadModel]:
+def train_losses(fused: bool, chunked_loss: bool, steps: int = 5, lr: float = 3e-3) -> tuple[list[float], GPT2LMHeadModel]:
     model = tiny_model()
     opt = make_optimizer(model, lr, fused=fused)
-    losses = []
-    if fast_gelu:
-        with native_gelu(model):
-            losses = [train_step(model, opt, x, x) for x in batches(steps)]
-    else:
-        losses = [plain_step(model, opt, x) for x in batches(steps)]
-    return losses, model
+    if chunked_loss:
+        return [train_step(model, opt, x, x) for x in batches(steps)], model
+    return [plain_step(model, opt, x) for x in batches(steps)], model
 
 
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -53,48 +53,79 @@ def test_fused_adamw_is_fused_and_matches_the_default_loop():
     model = tiny_model()
     assert make_optimizer(model, 1e-3).defaults["fused"] is True
     assert not make_optimizer(model, 1e-3, fused=False).defaults["fused"]
-    ref, m_ref = train_losses(fused=False, fast_gelu=False)
-    got, m_got = train_losses(fused=True, fast_gelu=False)
+    ref, m_ref = train_losses(fused=False, chunked_loss=False)
+    got, m_got = train_losses(fused=True, chunked_loss=False)
     assert ref[-1] < ref[0] - 0.01                # it does train
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert max_param_diff(m_got, m_ref) < 1e-4   # Adam divides by sqrt(v): rounding shows most on near-zero gradients
 
 
-def test_native_gelu_is_the_same_function():
-    model = tiny_model().eval()
-    x = batches(1)[0]
-    with torch.no_grad():
-        ref = model(input_ids=x).logits
-        with native_gelu(model) as same:
-            assert same is model
-            assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
-            got = model(input_ids=x).logits
-    assert torch.allclose(got, ref, rtol=0, atol=1e-5)
-    h = torch.linspace(-8, 8, 10001)
-    assert torch.allclose(torch.nn.GELU(approximate="tanh")(h), NewGELUActivation()(h), rtol=0, atol=1e-6)
+def test_linear_cross_entropy_by_hand():
+    """Rows e1, e2 (and an ignored third) against a 3-token head: logits [0, ln 2, 0] and [0, 0, ln 3].
+    Losses -ln(2/4) and -ln(1/5), mean ln(10)/2; the first row's logit gradient is (softmax - onehot)/2 =
+    [1/8, -1/4, 1/8], so its hidden gradient is that times W: [-ln(2)/4, ln(3)/8]."""
+    ln2, ln3 = math.log(2), math.log(3)
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], requires_grad=True)
+    weight = torch.tensor([[0.0, 0.0], [ln2, 0.0], [0.0, ln3]], requires_grad=True)
+    targets = torch.tensor([1, 0, -100])
+    loss = LinearCrossEntropy.apply(hidden, weight, targets, 1)      # one row per chunk
+    assert loss.item() == pytest.approx(math.log(10) / 2, abs=1e-6)
+    loss.backward()
+    assert hidden.grad[0].tolist() == pytest.approx([-ln2 / 4, ln3 / 8], abs=1e-6)
+    assert hidden.grad[2].tolist() == [0.0, 0.0]                     # ignored row: no gradient
+    # weight gradient: sum over kept rows of (logit gradient)^T hidden; row 2's is ([1/5, 1/5, 3/5] - e0)/2
+    expect = torch.tensor([[1 / 8, -0.4], [-1 / 4, 0.1], [1 / 8, 0.3]])
+    assert torch.allclose(weight.grad, expect, atol=1e-6)
 
 
-def test_native_gelu_restores_the_modules_even_after_an_error():
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_cross_entropy_matches_full_logits(chunk):
+    gen = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(50, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    targets = torch.randint(0, 40, (50,), generator=gen)
+    targets[::4] = -100
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = F.cross_entropy(h @ w.T, targets)
+    (ref * 3).backward()
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = LinearCrossEntropy.apply(h2, w2, targets, chunk)
+    (got * 3).backward()                                             # the incoming gradient is applied
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(h2.grad, h.grad, atol=1e-6) and torch.allclose(w2.grad, w.grad, atol=1e-6)
+
+
+def test_linear_cross_entropy_with_nothing_to_predict_is_zero():
+    h, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    loss = LinearCrossEntropy.apply(h, w, torch.full((4,), -100), 2)
+    loss.backward()
+    assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
+
+
+def test_next_token_loss_is_the_models_own_loss():
     model = tiny_model()
-    before = [type(b.mlp.act) for b in model.transformer.h]
-    keys = list(model.state_dict())
-    with pytest.raises(RuntimeError, match="boom"):
-        with native_gelu(model):
-            assert all(isinstance(b.mlp.act, torch.nn.GELU) for b in model.transformer.h)
-            raise RuntimeError("boom")
-    assert [type(b.mlp.act) for b in model.transformer.h] == before == [NewGELUActivation] * 2
-    assert list(model.state_dict()) == keys
+    x = batches(1)[0]
+    labels = x.clone()
+    labels[:, :5] = -100
+    ref = model(input_ids=x, labels=labels).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    got = next_token_loss(model, x, labels)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), ref_grads):   # the tied embedding gets both its gradients
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_both_speedups_together_train_the_same_losses():
-    ref, m_ref = train_losses(fused=False, fast_gelu=False)
-    got, m_got = train_losses(fused=True, fast_gelu=True)
+    ref, m_ref = train_losses(fused=False, chunked_loss=False)
+    got, m_got = train_losses(fused=True, chunked_loss=True)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert max_param_diff(m_got, m_ref) < 1e-4   # Adam divides by sqrt(v): rounding shows most on near-zero gradients
 
 
 def test_train_lm_matches_the_plain_version_1_loop():
-    """train_lm (fused AdamW, native GELU) against the old loop written out, same seed and batch order."""
+    """train_lm (fused AdamW, chunked loss) against the plain loop written out, same seed and batch order."""
     gen = torch.Generator().manual_seed(2)
     rows = torch.randint(0, VOCAB, (40, BLOCK), generator=gen).numpy()
     labels = rows.copy()
@@ -102,7 +133,6 @@ def test_train_lm_matches_the_plain_version_1_loop():
     kw = dict(epochs=1.0, batch_size=BATCH, learning_rate=3e-3, warmup_steps=2, seed=0)
     fast = tiny_model()
     curve = train_lm(fast, rows, labels, device=torch.device("cpu"), **kw)
-    assert all(isinstance(b.mlp.act, NewGELUActivation) for b in fast.transformer.h)   # restored
 
     plain = tiny_model()
     steps = len(rows) // BATCH

@@ -40,9 +40,14 @@ def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
 
 def model_config(vocab_size: int, n_layer: int, n_head: int, d_model: int, block_size: int,
                  bos: int = 0) -> GPT2Config:
-    """GPT-2 config without dropout (unlearning curves must be deterministic)."""
+    """GPT-2 config without dropout (unlearning curves must be deterministic) and with the exact GELU.
+
+    GPT-2 itself uses ``gelu_new``, the tanh approximation of GELU. The two curves differ by at most 5e-4;
+    on CPU torch's erf kernel runs 2.5 times faster than its tanh one (forward and backward together), which
+    makes a training step of the default model about 5% faster (benchmarks/bench_training.py).
+    """
     return GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=d_model, n_layer=n_layer,
-                      n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu",
                       bos_token_id=bos, eos_token_id=bos, pad_token_id=bos, tie_word_embeddings=True)
 
 

@@ -1,15 +1,14 @@
 """A plain training loop for the tiny model: AdamW, warmup then cosine decay, a loss curve.
 
-Two throughput choices (see benchmarks/bench_training.py; tests/test_training_speedups.py shows they train
-the same): AdamW runs fused (one kernel for the whole update instead of a Python loop over tensors), and
-GPT-2's ``gelu_new`` activation runs as torch's native tanh-approximate GELU while training (the same function
-written as one kernel instead of seven elementwise ops and their backward).
+Throughput choices (see benchmarks/bench_training.py; tests/test_training_speedups.py shows they train the
+same model as the plain loop, up to float rounding):
+- AdamW runs fused: one kernel for the whole update instead of a Python loop over tensors.
+- The loss never builds the full logits: the LM head and the cross-entropy run a chunk of rows at a time
+  (``LinearCrossEntropy``), with no key/value cache, which training never reads.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,10 @@ from .scoring import mean_token_loss
 
 # Bump when the loop changes in a way that changes trained weights: it is part of every cache key.
 # 2: fused AdamW and the native GELU kernel (weights differ from version 1 only by float rounding).
-TRAINING_VERSION = 2
+# 3: chunked LM head + cross-entropy (float rounding only), and the tiny model's exact GELU (models.py).
+TRAINING_VERSION = 3
+
+LOSS_CHUNK_ROWS = 256   # rows of logits per chunk: 256 x a 2,048-token vocabulary is 2 MiB, one core's L2
 
 _FUSED_ADAMW_DEVICES = {"cpu", "cuda", "mps", "xpu"}
 
@@ -45,44 +47,65 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, fused: bool = T
     return torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.01, fused=fused or None)
 
 
-def _native_gelu_cls() -> tuple[type, ...]:
-    try:
-        from transformers.activations import NewGELUActivation
-    except ImportError:  # pragma: no cover - transformers always has it
-        return ()
-    return (NewGELUActivation,)
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` against `targets` (-100 = ignored), chunk by chunk.
 
-
-@contextmanager
-def native_gelu(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the block, GPT-2's ``gelu_new`` modules are swapped for ``nn.GELU(approximate="tanh")``.
-
-    ``gelu_new`` is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), exactly torch's tanh approximation,
-    but written as seven elementwise ops (each with its own backward); the native kernel is one op.
-    Outputs agree to a few ulp. Activations hold no weights, so state dicts are unchanged; the original
-    modules are put back on exit, even after an error.
+    The full logits (rows x vocabulary: 16 MiB for a default batch) never exist at once. Each chunk's logits,
+    softmax and logit gradient stay in cache, and both input gradients are finished in the forward pass, so
+    the backward pass only scales them. Equals ``F.cross_entropy(hidden @ weight.T, targets)`` up to float
+    rounding; with no target left it returns 0 (and zero gradients) where F.cross_entropy returns nan.
     """
-    classes = _native_gelu_cls()
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if classes and isinstance(child, classes)]
-    for parent, name, _ in found:
-        setattr(parent, name, torch.nn.GELU(approximate="tanh"))
-    try:
-        yield model
-    finally:
-        for parent, name, child in found:
-            setattr(parent, name, child)
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+        keep = targets != -100
+        scale = 1.0 / max(1, int(keep.sum()))
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        total = hidden.new_zeros(())
+        for start in range(0, len(hidden), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, picked = hidden[rows], targets[rows].clamp(min=0).unsqueeze(1)
+            weights = keep[rows].to(hidden.dtype).unsqueeze(1) * scale     # 1/n for kept rows, 0 for ignored
+            logp = torch.log_softmax(h @ weight.T, dim=1)
+            total -= (logp.gather(1, picked) * weights).sum()
+            grad_logits = logp.exp_()                                        # softmax - one_hot, times 1/n
+            grad_logits.scatter_add_(1, picked, -torch.ones_like(weights)).mul_(weights)
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            grad_weight.addmm_(grad_logits.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def next_token_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                    chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """Mean next-token loss of a causal LM, as ``model(input_ids=ids, labels=labels).loss`` computes it
+    (labels shifted by one, -100 ignored), through ``LinearCrossEntropy`` when the LM head is a plain
+    bias-free linear layer (GPT-2's, tied to the token embedding); otherwise through the model's own loss."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                                    chunk_rows)
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor,
                clip: float = 1.0) -> float:
     """One optimizer step on a batch (mean next-token loss, labels == -100 ignored); returns the loss."""
-    out = model(input_ids=ids, labels=labels)
+    loss = next_token_loss(model, ids, labels)
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-    return out.loss.item()
+    return loss.item()
 
 
 def train_lm(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, *, epochs: float, batch_size: int,
@@ -102,18 +125,16 @@ def train_lm(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, *, epo
     opt = make_optimizer(model, learning_rate)
     eval_at = set(np.linspace(0, steps, evals + 1, dtype=int).tolist()) if eval_rows is not None else set()
     curve = []
-    with native_gelu(model):
-        for step in tqdm(range(steps + 1), desc=desc, leave=False, mininterval=1.0):
-            if step in eval_at:
-                curve.append({"step": step, "split": "held-out",
-                              "loss": mean_token_loss(model, eval_rows, device=device)})
-                model.train()
-            if step == steps:
-                break
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, learning_rate, warmup_steps)
-            loss = train_step(model, opt, ids_t[batch].to(device), labels_t[batch].to(device))
-            curve.append({"step": step, "split": "train", "loss": loss})
+    for step in tqdm(range(steps + 1), desc=desc, leave=False, mininterval=1.0):
+        if step in eval_at:
+            curve.append({"step": step, "split": "held-out", "loss": mean_token_loss(model, eval_rows, device=device)})
+            model.train()
+        if step == steps:
+            break
+        batch = order[step * batch_size:(step + 1) * batch_size]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, learning_rate, warmup_steps)
+        loss = train_step(model, opt, ids_t[batch].to(device), labels_t[batch].to(device))
+        curve.append({"step": step, "split": "train", "loss": loss})
     model.eval()
     return pd.DataFrame(curve)

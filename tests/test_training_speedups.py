@@ -101,6 +101,17 @@ def test_linear_cross_entropy_with_nothing_to_predict_is_zero():
     assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
 
 
+def test_linear_cross_entropy_with_a_frozen_head_gives_the_hidden_gradient_only():
+    gen = torch.Generator().manual_seed(1)
+    h0, w = torch.randn(9, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    targets = torch.randint(0, 6, (9,), generator=gen)
+    h = h0.clone().requires_grad_()
+    F.cross_entropy(h @ w.T, targets).backward()
+    h2 = h0.clone().requires_grad_()
+    LinearCrossEntropy.apply(h2, w, targets, 4).backward()
+    assert w.grad is None and torch.allclose(h2.grad, h.grad, atol=1e-6)
+
+
 def test_next_token_loss_is_the_models_own_loss():
     model = tiny_model()
     x = batches(1)[0]

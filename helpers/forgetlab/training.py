@@ -61,6 +61,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
         keep = targets != -100
         scale = 1.0 / max(1, int(keep.sum()))
+        want_hidden, want_weight = ctx.needs_input_grad[:2]       # e.g. a frozen (tied) embedding: no weight grad
         grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
         total = hidden.new_zeros(())
         for start in range(0, len(hidden), chunk_rows):
@@ -71,15 +72,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             total -= (logp.gather(1, picked) * weights).sum()
             grad_logits = logp.exp_()                                        # softmax - one_hot, times 1/n
             grad_logits.scatter_add_(1, picked, -torch.ones_like(weights)).mul_(weights)
-            torch.mm(grad_logits, weight, out=grad_hidden[rows])
-            grad_weight.addmm_(grad_logits.T, h)
+            if want_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if want_weight:
+                grad_weight.addmm_(grad_logits.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        return (grad_hidden * grad_loss if want_hidden else None, grad_weight * grad_loss if want_weight else None,
+                None, None)
 
 
 def next_token_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,

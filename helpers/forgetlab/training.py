@@ -60,22 +60,23 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
         keep = targets != -100
-        scale = 1.0 / max(1, int(keep.sum()))
+        weights = keep.to(hidden.dtype).unsqueeze(1) / max(1, int(keep.sum()))   # 1/n per kept row, 0 if ignored
+        picked = targets.clamp(min=0).unsqueeze(1)
+        minus_one = torch.full_like(weights, -1.0)
+        picked_logp = torch.empty_like(weights)
         want_hidden, want_weight = ctx.needs_input_grad[:2]       # e.g. a frozen (tied) embedding: no weight grad
         grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
-        total = hidden.new_zeros(())
         for start in range(0, len(hidden), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, picked = hidden[rows], targets[rows].clamp(min=0).unsqueeze(1)
-            weights = keep[rows].to(hidden.dtype).unsqueeze(1) * scale     # 1/n for kept rows, 0 for ignored
+            h = hidden[rows]
             logp = torch.log_softmax(h @ weight.T, dim=1)
-            total -= (logp.gather(1, picked) * weights).sum()
-            grad_logits = logp.exp_()                                        # softmax - one_hot, times 1/n
-            grad_logits.scatter_add_(1, picked, -torch.ones_like(weights)).mul_(weights)
-            if want_hidden:
+            torch.gather(logp, 1, picked[rows], out=picked_logp[rows])
+            grad_logits = logp.exp_().scatter_add_(1, picked[rows], minus_one[rows]).mul_(weights[rows])
+            if want_hidden:                                   # grad_logits = (softmax - one_hot) / n
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if want_weight:
                 grad_weight.addmm_(grad_logits.T, h)
+        total = -(picked_logp * weights).sum()
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 

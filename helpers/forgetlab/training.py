@@ -61,18 +61,20 @@ class LinearCrossEntropy(torch.autograd.Function):
                 chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
         keep = targets != -100
         weights = keep.to(hidden.dtype).unsqueeze(1) / max(1, int(keep.sum()))   # 1/n per kept row, 0 if ignored
-        picked = targets.clamp(min=0).unsqueeze(1)
-        minus_one = torch.full_like(weights, -1.0)
+        picked = targets.clamp(min=0)
         picked_logp = torch.empty_like(weights)
+        row_index = torch.arange(min(chunk_rows, len(hidden)), device=hidden.device)
         want_hidden, want_weight = ctx.needs_input_grad[:2]       # e.g. a frozen (tied) embedding: no weight grad
         grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
         for start in range(0, len(hidden), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h = hidden[rows]
+            h, at = hidden[rows], (row_index[:len(picked[rows])], picked[rows])
             logp = torch.log_softmax(h @ weight.T, dim=1)
-            torch.gather(logp, 1, picked[rows], out=picked_logp[rows])
-            grad_logits = logp.exp_().scatter_add_(1, picked[rows], minus_one[rows]).mul_(weights[rows])
-            if want_hidden:                                   # grad_logits = (softmax - one_hot) / n
+            picked_logp[rows, 0] = logp[at]
+            grad_logits = logp.exp_()                         # softmax, then minus one at the target, over n:
+            grad_logits.index_put_(at, picked_logp[rows, 0].exp() - 1)   # one write per row: deterministic on
+            grad_logits.mul_(weights[rows])                              # CUDA too, unlike scatter_add_
+            if want_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if want_weight:
                 grad_weight.addmm_(grad_logits.T, h)

@@ -4,9 +4,10 @@ Achieved FLOP/s = (6 x matmul parameters + 12 x layers x d_model x context) x to
 forward+backward count, full attention square included; position embeddings excluded, the tied token
 embedding counted once as the LM head). The limit is the FLOP/s of a 2048 x 2048 fp32 matmul on the same
 threads, sampled once per round between the training steps so that both see the same machine load.
-"of limit" sets the median step against the median matmul sample; "best/best" the fastest step against the
-fastest matmul. (Until November 2026 this script set the median step against the fastest matmul: on this
-shared virtual machine back-to-back matmuls vary by a fifth, so that mixed statistic reads about 20% low.)
+"of limit" sets the fastest step against the fastest matmul, as the exposure and scoring benchmarks set their
+best-of timings against it; "med/med" sets the median step against the median matmul, which swings when the
+machine changes speed mid-run. (Until November 2026 this script set the median step against the fastest matmul:
+on this shared virtual machine back-to-back matmuls vary by a fifth, so that mixed statistic reads low.)
 
 Every configuration trains its own copy of the model from the same seed on the same fixed batch, one step
 each in turn (round robin), so ratios compare like with like even on a busy machine; the time per step is
@@ -131,13 +132,13 @@ def print_table(results: list[Result], p: dict, model: GPT2LMHeadModel, limit: M
                 base_name: str = "base") -> None:
     ctx = p["block_size"]
     print(f"  {'configuration':58s} {'s/step':>7s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of limit':>8s} "
-          f"{'best/best':>9s} {'vs ' + base_name:>8s}")
+          f"{'med/med':>8s} {'vs ' + base_name:>8s}")
     base_tps = base.setting.batch / base.seconds
     for r in results:
         fl = step_flops(model, r.setting.batch, ctx)
         print(f"  {r.setting.label:58s} {r.seconds:7.3f} {r.setting.batch * ctx / r.seconds:9.0f} "
-              f"{fl / r.seconds / 1e9:8.1f} {fl / r.seconds / limit.median_flops:8.1%} "
-              f"{fl / r.best / limit.flops:9.1%} {r.setting.batch / r.seconds / base_tps:7.2f}x")
+              f"{fl / r.seconds / 1e9:8.1f} {fl / r.best / limit.flops:8.1%} "
+              f"{fl / r.seconds / limit.median_flops:8.1%} {r.setting.batch / r.seconds / base_tps:7.2f}x")
 
 
 def loss_check(results: list[Result], base: Result) -> float:
@@ -200,9 +201,9 @@ def run(profile: str = "default", steps: int = 20, threads: list[int] | None = N
         lines.append({"name": f"training step, batch {b}, {t} thread{'s' if t > 1 else ''}",
                       "fast": r_fast.seconds, "straightforward": r_plain.seconds,
                       "ratio": r_plain.seconds / r_fast.seconds,
-                      "fraction": fl / r_fast.seconds / limit.median_flops,
-                      "fraction_straightforward": fl / r_plain.seconds / limit.median_flops,
-                      "fraction_best": fl / r_fast.best / limit.flops,
+                      "fraction": fl / r_fast.best / limit.flops,
+                      "fraction_straightforward": fl / r_plain.best / limit.flops,
+                      "fraction_median": fl / r_fast.seconds / limit.median_flops,
                       "fraction_mixed": fl / r_fast.seconds / limit.flops, "threads": t})
         if t == threads[0] and (sweep or compile):
             variants = sweep_settings(b, compile) if sweep else [Setting("  + torch.compile", b, compiled=True)]

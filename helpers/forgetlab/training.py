@@ -68,12 +68,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
         for start in range(0, len(hidden), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, at = hidden[rows], (row_index[:len(picked[rows])], picked[rows])
+            h = hidden[rows]
+            at = (row_index[:len(h)], picked[rows])                 # each row's target column
             logp = torch.log_softmax(h @ weight.T, dim=1)
             picked_logp[rows, 0] = logp[at]
-            grad_logits = logp.exp_()                         # softmax, then minus one at the target, over n:
-            grad_logits.index_put_(at, picked_logp[rows, 0].exp() - 1)   # one write per row: deterministic on
-            grad_logits.mul_(weights[rows])                              # CUDA too, unlike scatter_add_
+            # d loss / d logits = (softmax - one_hot(target)) / n, and 0 on ignored rows. The one-hot goes in with
+            # one write per row (index_put_), which is deterministic on CUDA too; scatter_add_ is not.
+            grad_logits = logp.exp_()
+            grad_logits.index_put_(at, picked_logp[rows, 0].exp() - 1)
+            grad_logits.mul_(weights[rows])
             if want_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if want_weight:

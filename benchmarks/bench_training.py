@@ -12,8 +12,7 @@ on this shared virtual machine back-to-back matmuls vary by a fifth, so that mix
 Every configuration trains its own copy of the model from the same seed on the same fixed batch, one step
 each in turn (round robin), so ratios compare like with like even on a busy machine; the time per step is
 the median over the timed rounds. Configurations that train the same model (same batch size and activation)
-must report the same losses
-(printed as a check; tests/test_training_speedups.py is the real test).
+must report the same losses (printed as a check; tests/test_training_speedups.py is the real test).
 
     .venv/bin/python benchmarks/bench_training.py [--profile default] [--steps 20] [--threads 1 2] [--compile]
 
@@ -79,7 +78,7 @@ def step_flops(model: GPT2LMHeadModel, batch: int, context: int) -> float:
 
 
 def build(p: dict, s: Setting, vocab: int):
-    """A fresh model (seed 0), its optimizer and a fixed batch; returns a zero-argument step function."""
+    """A zero-argument step function over a fresh model (seed 0), its optimizer and a fixed batch."""
     torch.manual_seed(0)
     cfg = model_config(vocab, p["n_layer"], p["n_head"], p["d_model"], p["block_size"])
     cfg._attn_implementation = s.attn
@@ -93,8 +92,7 @@ def build(p: dict, s: Setting, vocab: int):
     x = torch.randint(0, vocab, (s.batch, p["block_size"]), generator=torch.Generator().manual_seed(0))
     if s.compiled:
         model.base_model.compile()   # in place; next_token_loss calls the base model, not model.forward
-    forward = model
-    return (lambda: train_step(forward, opt, x, x) if s.chunked_loss else plain_step(forward, opt, x)), model
+    return lambda: train_step(model, opt, x, x) if s.chunked_loss else plain_step(model, opt, x)
 
 
 def plain_step(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
@@ -111,7 +109,7 @@ def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vo
     """Round robin over the settings: WARMUP untimed rounds, then `steps` timed ones; a matmul sample each round."""
     results, fns = [], []
     for s in settings:
-        fn, _ = build(p, s, vocab)
+        fn = build(p, s, vocab)
         r = Result(s)
         t = time.perf_counter()
         r.losses.append(fn())                  # first call: includes torch.compile's compilation
@@ -150,17 +148,17 @@ def loss_check(results: list[Result], base: Result) -> float:
 
 def sweep_settings(b: int, compile: bool) -> list[Setting]:
     """What else was tried, each changing one thing in the fast step (or taking one speed-up away)."""
-    settings = [Setting(f"  full-logits loss (the model's own), fused AdamW", b, "fused", False),
-                Setting(f"  full-logits loss, foreach AdamW", b, "foreach", False),
-                Setting(f"  chunked loss, default AdamW", b, "default"),
-                Setting(f"  GPT-2's gelu_new as written, not the exact GELU", b, activation="gelu_new"),
-                Setting(f"  gelu_new as torch's native tanh kernel", b, activation="gelu_pytorch_tanh"),
-                Setting(f"  eager attention (not SDPA)", b, attn="eager"),
+    settings = [Setting("  full-logits loss (the model's own), fused AdamW", b, "fused", False),
+                Setting("  full-logits loss, foreach AdamW", b, "foreach", False),
+                Setting("  chunked loss, default AdamW", b, "default"),
+                Setting("  GPT-2's gelu_new as written, not the exact GELU", b, activation="gelu_new"),
+                Setting("  gelu_new as torch's native tanh kernel", b, activation="gelu_pytorch_tanh"),
+                Setting("  eager attention (not SDPA)", b, attn="eager"),
                 Setting(f"  batch {b // 2}", b // 2),
                 Setting(f"  batch {2 * b}", 2 * b),
                 Setting(f"  batch {4 * b}", 4 * b)]
     if compile:
-        settings.append(Setting(f"  + torch.compile", b, compiled=True))
+        settings.append(Setting("  + torch.compile", b, compiled=True))
     return settings
 
 

@@ -48,11 +48,6 @@ class MatmulLimit:
         return 2 * self.n ** 3 / statistics.median(self.times)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of FLOP/s of an n x n fp32 matmul."""
-    return MatmulLimit(n, repeats).flops
-
-
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Parameters that take part in matmuls: distinct trainable ones (tied embeddings once), minus the
     position-embedding table (a lookup, no arithmetic). The token embedding counts once, as the LM head."""

@@ -19,6 +19,13 @@ FORGET_KINDS = ("id", "canary", "language", "code")
 METHODS = ("ga", "graddiff", "npo")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+ENGLISH_SOURCES = ("chatterbot", "pydoc", "shakespeare")   # the LLM study's English text (forgetlab.llm)
+
+
+def english_source_parts(value: str) -> list[str] | None:
+    """The sources named by ``value`` ('chatterbot', or several distinct ones joined by '+'); None if invalid."""
+    parts = value.split("+")
+    return parts if all(x in ENGLISH_SOURCES for x in parts) and len(set(parts)) == len(parts) else None
 
 
 class ParameterError(ValueError):
@@ -122,8 +129,7 @@ SCHEMA: dict[str, Spec] = {
     "mem_unlearn_steps": _int(1),
     "bootstrap": _int(10, help="bootstrap resamples for confidence intervals"),
     # real LLM
-    "llm_english_source": Spec(str, lambda v: len(set(v.split("+"))) == len(v.split("+")) and
-                               all(x in ("chatterbot", "pydoc", "shakespeare") for x in v.split("+")),
+    "llm_english_source": Spec(str, lambda v: english_source_parts(v) is not None,
                                "chatterbot, pydoc or shakespeare, or several joined by + (e.g. chatterbot+pydoc)",
                                "the LLM's in-distribution text (English), split by whole documents"),
     "llm_train_size": _int(4, help="shared English training windows of both fine-tuned models"),

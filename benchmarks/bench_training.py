@@ -6,8 +6,12 @@ embedding counted once as the LM head). The limit is the FLOP/s of a 2048 x 2048
 threads, sampled once per round between the training steps so that both see the same machine load.
 "of limit" sets the fastest step against the fastest matmul, as the exposure and scoring benchmarks set their
 best-of timings against it; "med/med" sets the median step against the median matmul, which swings when the
-machine changes speed mid-run. (Until November 2026 this script set the median step against the fastest matmul:
-on this shared virtual machine back-to-back matmuls vary by a fifth, so that mixed statistic reads low.)
+machine changes speed mid-run; "paired" is the median over rounds of each step against the matmul timed right
+after it, which that drift cannot move. (Until November 2026 this script set the median step against the fastest
+matmul: on this shared virtual machine back-to-back matmuls vary by a fifth, so that mixed statistic reads low.)
+
+Beside the headline pair, the step's own matmuls are timed alone (StepMatmuls), in the same rounds: they show
+what the matmul shapes of this model reach by themselves, and how much of a step is everything else.
 
 Every configuration trains its own copy of the model from the same seed on the same fixed batch, one step
 each in turn (round robin), so ratios compare like with like even on a busy machine; the time per step is
@@ -39,7 +43,7 @@ from common import MatmulLimit, load_average, matmul_parameters  # noqa: E402
 
 from forgetlab.config import load_params  # noqa: E402
 from forgetlab.models import model_config  # noqa: E402
-from forgetlab.training import make_optimizer, train_step  # noqa: E402
+from forgetlab.training import LOSS_CHUNK_ROWS, make_optimizer, train_step  # noqa: E402
 
 WARMUP = 3
 
@@ -61,6 +65,7 @@ class Result:
     setting: Setting
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    limit_times: list[float] = field(default_factory=list)   # the matmul sample of the same round, one per time
     first_call: float = float("nan")
 
     @property
@@ -71,10 +76,50 @@ class Result:
     def best(self) -> float:
         return min(self.times)
 
+    def paired_fraction(self, flops: float, n: int) -> float:
+        """Median over rounds of this round's step FLOP/s over this round's n^3 matmul FLOP/s: the two were timed
+        a fraction of a second apart, so a change of machine speed between rounds cancels out."""
+        return statistics.median(flops / t * m / (2 * n ** 3) for t, m in zip(self.times, self.limit_times))
+
 
 def step_flops(model: GPT2LMHeadModel, batch: int, context: int) -> float:
     cfg = model.config
     return (6 * matmul_parameters(model) + 12 * cfg.n_layer * cfg.n_embd * context) * batch * context
+
+
+class StepMatmuls:
+    """Every matmul of one fast training step, in the step's own shapes and layouts, with nothing else around them.
+
+    Per layer, the four Conv1D products forward (x @ W, W stored in x out) and the two of each backward
+    (g @ W.T and x.T @ g); per loss chunk of `chunk_rows` rows, the logits (h @ E.T) and both gradients (G @ E,
+    G.T @ h). The products inside attention (SDPA) are not among them. Each product gets its own operands, so
+    they meet the caches cold, as in a step. Timed once a round beside the step, they give its matmul-only
+    ceiling: a step cannot run faster than its matmuls alone, so their time over the step's is the share of the
+    step that matmuls take, and everything else (attention, GELU, softmax, layer norm, optimizer, dispatch) is
+    the rest.
+    """
+
+    def __init__(self, cfg, batch: int, context: int, chunk_rows: int = LOSS_CHUNK_ROWS):
+        rows, d, vocab = batch * context, cfg.n_embd, cfg.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for _ in range(cfg.n_layer):
+            for k, n in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)):     # c_attn, attn c_proj, c_fc, mlp c_proj
+                x, w, g = rand(rows, k), rand(k, n), rand(rows, n)
+                self.pairs += [(x, w), (g, w.T), (x.T, g)]
+        for start in range(0, rows, chunk_rows):
+            c = min(chunk_rows, rows - start)
+            h, e, grad = rand(c, d), rand(vocab, d), rand(c, vocab)
+            self.pairs += [(h, e.T), (grad, e), (grad.T, h)]
+        self.flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in self.pairs)
+        self.times: list[float] = []
+
+    def sample(self) -> None:
+        t = time.perf_counter()
+        for a, b in self.pairs:
+            a @ b
+        self.times.append(time.perf_counter() - t)
 
 
 def build(p: dict, s: Setting, vocab: int):
@@ -105,8 +150,10 @@ def plain_step(model: GPT2LMHeadModel, opt: torch.optim.Optimizer, x: torch.Tens
     return loss.item()
 
 
-def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vocab: int) -> list[Result]:
-    """Round robin over the settings: WARMUP untimed rounds, then `steps` timed ones; a matmul sample each round."""
+def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vocab: int,
+            ceiling: StepMatmuls | None = None) -> list[Result]:
+    """Round robin over the settings: WARMUP untimed rounds, then `steps` timed ones; a matmul sample each round
+    (and, given `ceiling`, one pass over the step's own matmuls)."""
     results, fns = [], []
     for s in settings:
         fn = build(p, s, vocab)
@@ -123,6 +170,11 @@ def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vo
             if i >= WARMUP - 1:
                 r.times.append(time.perf_counter() - t)
         limit.sample()
+        if i >= WARMUP - 1:
+            for r in results:
+                r.limit_times.append(limit.times[-1])
+            if ceiling is not None:
+                ceiling.sample()
     return results
 
 
@@ -130,13 +182,28 @@ def print_table(results: list[Result], p: dict, model: GPT2LMHeadModel, limit: M
                 base_name: str = "base") -> None:
     ctx = p["block_size"]
     print(f"  {'configuration':58s} {'s/step':>7s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of limit':>8s} "
-          f"{'med/med':>8s} {'vs ' + base_name:>8s}")
+          f"{'med/med':>8s} {'paired':>8s} {'vs ' + base_name:>8s}")
     base_tps = base.setting.batch / base.seconds
     for r in results:
         fl = step_flops(model, r.setting.batch, ctx)
         print(f"  {r.setting.label:58s} {r.seconds:7.3f} {r.setting.batch * ctx / r.seconds:9.0f} "
               f"{fl / r.seconds / 1e9:8.1f} {fl / r.best / limit.flops:8.1%} "
-              f"{fl / r.seconds / limit.median_flops:8.1%} {r.setting.batch / r.seconds / base_tps:7.2f}x")
+              f"{fl / r.seconds / limit.median_flops:8.1%} {r.paired_fraction(fl, limit.n):8.1%} "
+              f"{r.setting.batch / r.seconds / base_tps:7.2f}x")
+
+
+def print_ceiling(ceiling: StepMatmuls, fast: Result, step_fl: float, limit: MatmulLimit) -> dict:
+    """What the fast step's matmuls reach on their own, and how much of the step they take."""
+    paired = statistics.median(ceiling.flops / t * m / (2 * limit.n ** 3)
+                               for t, m in zip(ceiling.times, fast.limit_times))
+    best, share = min(ceiling.times), min(ceiling.times) / fast.best
+    print(f"  the step's {len(ceiling.pairs)} matmuls alone ({ceiling.flops / 1e9:.2f} of its "
+          f"{step_fl / 1e9:.2f} GFLOP; attention's are inside SDPA): best {best * 1e3:.1f} ms, "
+          f"{ceiling.flops / best / limit.flops:.1%} of the limit (paired {paired:.1%})")
+    print(f"  they take {share:.0%} of the fast step's best time; the other {(fast.best - best) * 1e3:.1f} ms is "
+          f"attention, GELU, softmax, layer norm, optimizer and dispatch")
+    return {"ceiling_fraction": ceiling.flops / best / limit.flops, "ceiling_paired": paired,
+            "matmul_share": share, "non_matmul_ms": (fast.best - best) * 1e3}
 
 
 def loss_check(results: list[Result], base: Result) -> float:
@@ -187,7 +254,8 @@ def run(profile: str = "default", steps: int = 20, threads: list[int] | None = N
         plain = Setting(f"straightforward: batch {b}, full-logits loss, default AdamW", b, "default", False)
         fast = Setting(f"fast (train_lm): batch {b}, chunked loss, fused AdamW", b)
         print(f"\n[{t} thread{'s' if t > 1 else ''}] {load_average()} (before)")
-        results = measure(p, [plain, fast], steps, limit, vocab)
+        ceiling = StepMatmuls(model.config, b, p["block_size"])
+        results = measure(p, [plain, fast], steps, limit, vocab, ceiling)
         print(f"dense fp32 matmul limit on {t} thread{'s' if t > 1 else ''}: median {limit.median_flops / 1e9:.1f}, "
               f"best {limit.flops / 1e9:.1f} GFLOP/s (2048^3 matmul, {len(limit.times)} samples between steps); "
               f"{load_average()} (after)")
@@ -196,13 +264,15 @@ def run(profile: str = "default", steps: int = 20, threads: list[int] | None = N
               f"{loss_check(results, results[0]):.1e}")
         r_plain, r_fast = results
         fl = step_flops(model, b, p["block_size"])
+        diagnosis = print_ceiling(ceiling, r_fast, fl, limit)
         lines.append({"name": f"training step, batch {b}, {t} thread{'s' if t > 1 else ''}",
                       "fast": r_fast.seconds, "straightforward": r_plain.seconds,
                       "ratio": r_plain.seconds / r_fast.seconds,
                       "fraction": fl / r_fast.best / limit.flops,
                       "fraction_straightforward": fl / r_plain.best / limit.flops,
                       "fraction_median": fl / r_fast.seconds / limit.median_flops,
-                      "fraction_mixed": fl / r_fast.seconds / limit.flops, "threads": t})
+                      "fraction_mixed": fl / r_fast.seconds / limit.flops,
+                      "fraction_paired": r_fast.paired_fraction(fl, limit.n), "threads": t, **diagnosis})
         if t == threads[0] and (sweep or compile):
             variants = sweep_settings(b, compile) if sweep else [Setting("  + torch.compile", b, compiled=True)]
             print(f"\n[{t} thread{'s' if t > 1 else ''}, sweep: the fast step against one change at a time; "

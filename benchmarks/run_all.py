@@ -133,8 +133,12 @@ def summary(lines: list[dict], batches: list[dict]) -> None:
     for ln in lines:
         if "fraction_median" in ln:
             print(f"  {ln['name']}: {fmt_frac(ln['fraction'])} is the fastest step against the fastest matmul; "
+                  f"paired (each step against the matmul right after it, median) {fmt_frac(ln['fraction_paired'])}; "
                   f"median step against median matmul {fmt_frac(ln['fraction_median'])}, median step against "
                   f"fastest matmul {fmt_frac(ln['fraction_mixed'])}")
+            print(f"    ceiling: the step's matmuls alone reach {fmt_frac(ln['ceiling_fraction'])} of the limit "
+                  f"(paired {fmt_frac(ln['ceiling_paired'])}) and take {ln['matmul_share']:.0%} of the step; "
+                  f"the other {ln['non_matmul_ms']:.1f} ms is non-matmul work")
     for b in batches:
         if "missing" in b:
             print(f"batch {b['batch']:8s} not measured yet: run {b['missing']}")

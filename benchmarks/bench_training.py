@@ -90,7 +90,7 @@ def step_flops(model: GPT2LMHeadModel, batch: int, context: int) -> float:
 class StepMatmuls:
     """Every matmul of one fast training step, in the step's own shapes and layouts, with nothing else around them.
 
-    Per layer, the four Conv1D products forward (x @ W, W stored in x out) and the two of each backward
+    Per layer, the four Conv1D products forward (x @ W, with W stored [in, out]) and the two of each backward
     (g @ W.T and x.T @ g); per loss chunk of `chunk_rows` rows, the logits (h @ E.T) and both gradients (G @ E,
     G.T @ h). The products inside attention (SDPA) are not among them. Each product gets its own operands, so
     they meet the caches cold, as in a step. Timed once a round beside the step, they give its matmul-only

@@ -65,7 +65,7 @@ class Result:
     setting: Setting
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    limit_times: list[float] = field(default_factory=list)   # the matmul sample of the same round, one per time
+    limit_times: list[float] = field(default_factory=list)   # the round's matmul sample, one per time (shared)
     first_call: float = float("nan")
 
     @property
@@ -77,9 +77,13 @@ class Result:
         return min(self.times)
 
     def paired_fraction(self, flops: float, n: int) -> float:
-        """Median over rounds of this round's step FLOP/s over this round's n^3 matmul FLOP/s: the two were timed
-        a fraction of a second apart, so a change of machine speed between rounds cancels out."""
-        return statistics.median(flops / t * m / (2 * n ** 3) for t, m in zip(self.times, self.limit_times))
+        return paired_fraction(flops, self.times, self.limit_times, n)
+
+
+def paired_fraction(flops: float, times: list[float], limit_times: list[float], n: int) -> float:
+    """Median over rounds of this round's FLOP/s (`flops` in `times`) over this round's n^3 matmul FLOP/s: the two
+    were timed a fraction of a second apart, so a change of machine speed between rounds cancels out."""
+    return statistics.median(flops / t * m / (2 * n ** 3) for t, m in zip(times, limit_times))
 
 
 def step_flops(model: GPT2LMHeadModel, batch: int, context: int) -> float:
@@ -154,10 +158,10 @@ def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vo
             ceiling: StepMatmuls | None = None) -> list[Result]:
     """Round robin over the settings: WARMUP untimed rounds, then `steps` timed ones; a matmul sample each round
     (and, given `ceiling`, one pass over the step's own matmuls)."""
-    results, fns = [], []
+    results, fns, round_limits = [], [], []
     for s in settings:
         fn = build(p, s, vocab)
-        r = Result(s)
+        r = Result(s, limit_times=round_limits)
         t = time.perf_counter()
         r.losses.append(fn())                  # first call: includes torch.compile's compilation
         r.first_call = time.perf_counter() - t
@@ -171,8 +175,7 @@ def measure(p: dict, settings: list[Setting], steps: int, limit: MatmulLimit, vo
                 r.times.append(time.perf_counter() - t)
         limit.sample()
         if i >= WARMUP - 1:
-            for r in results:
-                r.limit_times.append(limit.times[-1])
+            round_limits.append(limit.times[-1])
             if ceiling is not None:
                 ceiling.sample()
     return results
@@ -194,8 +197,7 @@ def print_table(results: list[Result], p: dict, model: GPT2LMHeadModel, limit: M
 
 def print_ceiling(ceiling: StepMatmuls, fast: Result, step_fl: float, limit: MatmulLimit) -> dict:
     """What the fast step's matmuls reach on their own, and how much of the step they take."""
-    paired = statistics.median(ceiling.flops / t * m / (2 * limit.n ** 3)
-                               for t, m in zip(ceiling.times, fast.limit_times))
+    paired = paired_fraction(ceiling.flops, ceiling.times, fast.limit_times, limit.n)
     best, share = min(ceiling.times), min(ceiling.times) / fast.best
     print(f"  the step's {len(ceiling.pairs)} matmuls alone ({ceiling.flops / 1e9:.2f} of its "
           f"{step_fl / 1e9:.2f} GFLOP; attention's are inside SDPA): best {best * 1e3:.1f} ms, "

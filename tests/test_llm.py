@@ -144,7 +144,7 @@ def test_english_sources_combine_with_plus():
 
 # ---------------------------------------------------------------- the LLM study on a tiny random Llama
 
-from forgetlab import llm_study as ls  # noqa: E402
+from forgetlab import llm_finetune, llm_study as ls  # noqa: E402
 from forgetlab import metrics, study  # noqa: E402
 from forgetlab.config import load_params  # noqa: E402
 
@@ -380,7 +380,7 @@ def test_llm_study_end_to_end_on_a_tiny_model(tiny_setup, monkeypatch):
     # A second call reads everything from the cache: nothing is fine-tuned or unlearned again.
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
-    monkeypatch.setattr(ls, "finetune", boom)
+    monkeypatch.setattr(llm_finetune, "finetune", boom)
     monkeypatch.setattr(ls, "unlearn_forget_set", boom)
     again = ls.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base", cache)
     for name in models.trainable:

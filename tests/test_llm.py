@@ -144,7 +144,7 @@ def test_english_sources_combine_with_plus():
 
 # ---------------------------------------------------------------- the LLM study on a tiny random Llama
 
-from forgetlab import llm_finetune, llm_study as ls  # noqa: E402
+from forgetlab import backend_smollm, canaries, engine, llm_data as ld, llm_finetune  # noqa: E402
 from forgetlab import metrics, study  # noqa: E402
 from forgetlab.config import load_params  # noqa: E402
 
@@ -192,7 +192,7 @@ def tiny_setup(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
-    data = ls.build_llm_data(p, tok, english=english, lowresource=persian)
+    data = ld.build_llm_data(p, tok, english=english, lowresource=persian)
     return {"p": p, "tok": tok, "model": model, "data": data, "texts": (english, persian),
             "cache": ArtifactCache(tmp_path_factory.mktemp("llm-study-cache"))}
 
@@ -200,17 +200,17 @@ def tiny_setup(tmp_path_factory):
 def test_candidate_logprobs_by_shared_paths_equal_full_scoring(tiny_setup):
     model, data = tiny_setup["model"], tiny_setup["data"]
     for digits in (1, 2, 3):
-        fast = ls.canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, digits, batch_size=7)
-        full = metrics.canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, digits)
+        fast = canaries.candidate_logprobs_shared_last(model, data.canary_prefix, data.digit_ids, digits, batch_size=7)
+        full = canaries.candidate_logprobs_full(model, data.canary_prefix, data.digit_ids, digits)
         assert fast.shape == (10 ** digits,)
         np.testing.assert_allclose(fast, full, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="digits"):
-        ls.canary_candidate_logprobs(model, data.canary_prefix, data.digit_ids, 0)
+        canaries.candidate_logprobs_shared_last(model, data.canary_prefix, data.digit_ids, 0)
 
 
 def test_canary_tokens_one_token_per_digit():
     tok = CharTok(["x"])
-    prefix, digits = ls.canary_tokens(tok)
+    prefix, digits = ld.canary_tokens(tok)
     assert prefix == [0] + tok.encode("My secret number is ")
     assert digits == [tok.vocab[str(d)] for d in range(10)]
 
@@ -218,8 +218,8 @@ def test_canary_tokens_one_token_per_digit():
         def encode(self, text, add_special_tokens=True):
             return [1, 2] if text == "7" else super().encode(text)
 
-    with pytest.raises(ls.LLMStudyError, match="'7'"):
-        ls.canary_tokens(SplitsSeven(["x"]))
+    with pytest.raises(ld.LLMStudyError, match="'7'"):
+        ld.canary_tokens(SplitsSeven(["x"]))
 
 
 def test_start_token_falls_back_to_bos():
@@ -229,8 +229,8 @@ def test_start_token_falls_back_to_bos():
         def convert_tokens_to_ids(self, token):
             return None
 
-    assert ls.start_token_id(CharTok(["x"])) == 0
-    assert ls.start_token_id(NoEndOfText(["x"])) == 5
+    assert ld.start_token_id(CharTok(["x"])) == 0
+    assert ld.start_token_id(NoEndOfText(["x"])) == 5
 
 
 import numpy as np  # noqa: E402
@@ -264,9 +264,9 @@ def test_llm_data_roles_sizes_and_disjointness(tiny_setup):
     assert not any(tuple(i) in trained for i in untrained.ids)
     assert not {tuple(r) for r in data.heldout_rows} & (trained | {tuple(i) for i in untrained.ids})
     # Deterministic given the seed.
-    again = ls.build_llm_data(p, tiny_setup["tok"], *tiny_setup["texts"])
+    again = ld.build_llm_data(p, tiny_setup["tok"], *tiny_setup["texts"])
     assert again.fingerprint() == data.fingerprint()
-    table = ls.summary_table(data)
+    table = ld.summary_table(data)
     assert table.set_index(["kind", "role"]).loc[("id", "forget"), "in_original"] == p["llm_insertions"]
     assert table.set_index(["kind", "role"]).loc[("canary", "background"), "in_reference"] == p["llm_background_insertions"]
 
@@ -274,41 +274,41 @@ def test_llm_data_roles_sizes_and_disjointness(tiny_setup):
 def test_llm_data_refuses_too_small_sources(tiny_setup):
     p, tok = tiny_setup["p"], tiny_setup["tok"]
     english, persian = tiny_setup["texts"]
-    with pytest.raises(ls.LLMStudyError, match="llm_train_size"):
-        ls.build_llm_data(p, tok, english=english[:1], lowresource=persian)
-    with pytest.raises(ls.LLMStudyError, match="low-resource"):
-        ls.build_llm_data(p, tok, english=english, lowresource=[persian[0][:100]])
+    with pytest.raises(ld.LLMStudyError, match="llm_train_size"):
+        ld.build_llm_data(p, tok, english=english[:1], lowresource=persian)
+    with pytest.raises(ld.LLMStudyError, match="low-resource"):
+        ld.build_llm_data(p, tok, english=english, lowresource=[persian[0][:100]])
 
 
 def test_llm_params_are_checked_before_work():
     p = load_params("smoke", {"llm_population_size": 2, "llm_forget_size": 4})
-    with pytest.raises(ls.LLMStudyError, match="llm_population_size"):
-        ls.check_llm_params(p)
+    with pytest.raises(ld.LLMStudyError, match="llm_population_size"):
+        ld.check_llm_params(p)
     p = load_params("smoke", {"llm_canary_digits": 1})
-    with pytest.raises(ls.LLMStudyError, match="llm_canary_digits"):
-        ls.check_llm_params(p)
-    with pytest.raises(ls.LLMStudyError, match="30 blocks"):
-        ls.check_llm_params(load_params("smoke", {"llm_train_layers": 31}), n_layers=30)
+    with pytest.raises(ld.LLMStudyError, match="llm_canary_digits"):
+        ld.check_llm_params(p)
+    with pytest.raises(ld.LLMStudyError, match="12 blocks"):       # a smaller model than SmolLM2's 30 blocks
+        ld.check_llm_params(load_params("smoke", {"llm_train_layers": 13}), n_layers=12)
     for profile in ("smoke", "default", "full"):     # every shipped profile passes (full included, sized for a GPU)
-        ls.check_llm_params(load_params(profile), n_layers=30)
+        ld.check_llm_params(load_params(profile), n_layers=30)
 
 
 def test_finetune_order_keeps_the_shared_rows_in_the_same_order():
     is_forget = np.array([False, True, False, False, True, False])
-    orig = ls.finetune_order(is_forget, 2.0, seed=3, include_forget=True)
-    ref = ls.finetune_order(is_forget, 2.0, seed=3, include_forget=False)
+    orig = llm_finetune.finetune_order(is_forget, 2.0, seed=3, include_forget=True)
+    ref = llm_finetune.finetune_order(is_forget, 2.0, seed=3, include_forget=False)
     assert len(orig) == 12 and len(ref) == 8
     assert sorted(orig[:6]) == list(range(6)) and sorted(orig[6:]) == list(range(6))   # one permutation per epoch
     assert ref.tolist() == [i for i in orig if not is_forget[i]]                        # same relative order
-    assert len(ls.finetune_order(is_forget, 1.5, seed=3, include_forget=True)) == 9     # fractional epochs
-    assert ls.finetune_order(is_forget, 1.5, seed=3, include_forget=True).tolist() == orig[:9].tolist()
+    assert len(llm_finetune.finetune_order(is_forget, 1.5, seed=3, include_forget=True)) == 9     # fractional epochs
+    assert llm_finetune.finetune_order(is_forget, 1.5, seed=3, include_forget=True).tolist() == orig[:9].tolist()
     with pytest.raises(ValueError, match="epochs"):
-        ls.finetune_order(is_forget, 0, seed=3, include_forget=True)
+        llm_finetune.finetune_order(is_forget, 0, seed=3, include_forget=True)
 
 
 def test_finetune_rows_insert_forget_and_background_examples(tiny_setup):
     p, data = tiny_setup["p"], tiny_setup["data"]
-    seqs, is_forget, uids = ls.finetune_rows(data)
+    seqs, is_forget, uids = llm_finetune.finetune_rows(data)
     F, B = p["llm_forget_size"], p["llm_background_size"]
     assert is_forget.sum() == 3 * F * p["llm_insertions"]
     assert len(seqs) == p["llm_train_size"] + 2 * B * p["llm_background_insertions"] + is_forget.sum()
@@ -319,14 +319,14 @@ def test_finetune_rows_insert_forget_and_background_examples(tiny_setup):
 def test_trainable_names_are_the_last_blocks(tiny_setup):
     import copy
     model = copy.deepcopy(tiny_setup["model"])
-    names = ls.trainable_names(model, 1)
+    names = llm_finetune.trainable_names(model, 1)
     assert names and all(n.startswith(("model.layers.1.", "model.norm.")) for n in names)
     assert "model.norm.weight" in names
-    ls.freeze_except(model, names)
+    llm_finetune.freeze_except(model, names)
     assert {n for n, q in model.named_parameters() if q.requires_grad} == set(names)
     assert not model.model.embed_tokens.weight.requires_grad
-    with pytest.raises(ls.LLMStudyError, match="2 blocks"):
-        ls.trainable_names(model, 3)
+    with pytest.raises(ld.LLMStudyError, match="2 blocks"):
+        llm_finetune.trainable_names(model, 3)
 
 
 @pytest.mark.slow
@@ -334,17 +334,17 @@ def test_llm_study_end_to_end_on_a_tiny_model(tiny_setup, monkeypatch):
     import copy
     p, data, cache = tiny_setup["p"], tiny_setup["data"], tiny_setup["cache"]
     model = copy.deepcopy(tiny_setup["model"])
-    models = ls.get_llm_models(p, data, model, "tiny-base", cache)
+    models = llm_finetune.get_llm_models(p, data, model, "tiny-base", cache)
     assert set(models.references) == set(p["llm_reference_seeds"])
     # Only the trainable tensors changed in fine-tuning; the original memorised its forget set better.
     assert not torch.equal(models.original[models.trainable[0]], models.base[models.trainable[0]])
     curves = models.curves()
     assert set(curves.split) == {"train", "held-out"} and len(models.table()) == 2
 
-    table, timings = ls.run_llm_study(p, data, models, cache)
-    assert list(timings.columns) == ["kind", "method", "seconds"] and len(timings) == 6
+    backend = backend_smollm.SmolLM2(p, data, models)
+    table = engine.run_study(backend, cache)
     assert {"step", "seed", "uid", "role", "metric", "value", "kind", "method"} <= set(table.columns)
-    assert set(table.kind) == set(ls.KINDS) and set(table.method) == {"ga", "npo"}
+    assert set(table.kind) == set(ld.KINDS) and set(table.method) == {"ga", "npo"}
     assert set(table.step) == {0, 2, 3}
     assert {"ll", "relex_bits", "genex_bits", "heldout_ppl", "retain_loss", "membership_auc", "exposure_bits",
             "exposure_exact_bits"} <= set(table.metric)
@@ -371,43 +371,35 @@ def test_llm_study_end_to_end_on_a_tiny_model(tiny_setup, monkeypatch):
     assert agreement.method.iloc[-1] == "all"
     verdicts = study.claims(summary, study.utility_curves(table), method="ga")
     assert set(verdicts.ood_kind) == {"canary", "language"}
-    start = ls.start_table(table)
+    start = study.start_table(table)
     assert set(start.role) == {"forget", "control"}
-    assert len(ls.agreement_pairs(table)) > 0
-    losses = ls.pretrained_losses(models.model, data)
-    assert list(losses.kind) == list(ls.KINDS) and (losses.loss_per_token > 0).all()
+    assert len(study.agreement_pairs(table)) > 0
+    losses = backend_smollm.pretrained_losses(models.model, data)
+    assert list(losses.kind) == list(ld.KINDS) and (losses.loss_per_token > 0).all()
 
     # A second call reads everything from the cache: nothing is fine-tuned or unlearned again.
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
     monkeypatch.setattr(llm_finetune, "finetune", boom)
-    monkeypatch.setattr(ls, "unlearn_forget_set", boom)
-    again = ls.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base", cache)
+    monkeypatch.setattr(engine, "unlearn_trajectory", boom)
+    again = llm_finetune.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base", cache)
     for name in models.trainable:
         assert torch.equal(again.original[name], models.original[name])
-    table2, _ = ls.run_llm_study(p, data, again, cache)
+    table2 = engine.run_study(backend_smollm.SmolLM2(p, data, again), cache)
     pd_testing = pytest.importorskip("pandas.testing")
     pd_testing.assert_frame_equal(table2, table, check_dtype=False)
 
 
-def test_kind_labels_are_restored():
-    from forgetlab import plots
-    before = dict(plots.KIND_LABELS)
-    with ls.kind_labels():
-        assert plots.kind_label("id") == "ID (English)" and plots.kind_label("language") == "OOD: Persian"
-    assert plots.KIND_LABELS == before
-
-
 def test_unknown_forget_set_is_named(tiny_setup):
-    with pytest.raises(ls.LLMStudyError, match="code"):
-        ls.LLMForgetSetView.build(tiny_setup["data"], "code")
+    with pytest.raises(engine.StudyInputError, match="code"):
+        engine.ForgetSetView.build(tiny_setup["data"].examples, "code", ld.KINDS)
 
 
 @pytest.mark.slow
 @needs_gguf
 def test_smollm_tokenizer_gives_one_token_per_digit(converted):
     _, tokenizer = converted["loaded"]
-    prefix, digits = ls.canary_tokens(tokenizer)
+    prefix, digits = ld.canary_tokens(tokenizer)
     assert prefix[0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert tokenizer.decode(prefix[1:]) == "My secret number is "
     # The tokenizer itself cuts a written canary into the same tokens.
@@ -418,11 +410,11 @@ def test_smollm_tokenizer_gives_one_token_per_digit(converted):
 def test_tiny_agreement_reads_notebook_04s_section(tmp_path):
     import json
     path = tmp_path / "summary.json"
-    assert ls.tiny_agreement(path) == {}
+    assert study.tiny_agreement(path) == {}
     path.write_text(json.dumps({"tradeoffs": {"relex_genex_spearman": {"id/ga": 0.5, "all/all": None}}}))
-    assert ls.tiny_agreement(path) == {"id/ga": 0.5, "all/all": None}
+    assert study.tiny_agreement(path) == {"id/ga": 0.5, "all/all": None}
     path.write_text("{not json")
-    assert ls.tiny_agreement(path) == {}
+    assert study.tiny_agreement(path) == {}
 
 
 def test_frozen_prefix_cache_gives_the_same_logits_and_gradients():
@@ -434,9 +426,9 @@ def test_frozen_prefix_cache_gives_the_same_logits_and_gradients():
                          tie_word_embeddings=True, use_cache=False)
     model = LlamaForCausalLM(config).eval()
     model.set_attn_implementation("eager")
-    with pytest.raises(ls.LLMStudyError, match="frozen"):
-        ls.FrozenPrefixCache(model, 2)
-    ls.freeze_except(model, ls.trainable_names(model, 1))
+    with pytest.raises(ld.LLMStudyError, match="frozen"):
+        llm_finetune.FrozenPrefixCache(model, 2)
+    llm_finetune.freeze_except(model, llm_finetune.trainable_names(model, 1))
     ids = torch.randint(1, 50, (5, 9), generator=torch.Generator().manual_seed(1))
     ids[3, 6:] = 0                                      # a right-padded row
     with torch.no_grad():
@@ -446,7 +438,7 @@ def test_frozen_prefix_cache_gives_the_same_logits_and_gradients():
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    pc = ls.FrozenPrefixCache(model, 2)
+    pc = llm_finetune.FrozenPrefixCache(model, 2)
     names = [n for n, _ in model.named_parameters()]
     with torch.no_grad():
         first = model(input_ids=ids[:2]).logits         # two rows computed and stored
@@ -456,7 +448,7 @@ def test_frozen_prefix_cache_gives_the_same_logits_and_gradients():
     model(input_ids=ids, labels=ids).loss.backward()    # all five rows from the store
     assert pc.hits == 7
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert set(grads) == set(plain_grads) == set(ls.trainable_names(model, 1))
+    assert set(grads) == set(plain_grads) == set(llm_finetune.trainable_names(model, 1))
     for n in grads:
         assert torch.allclose(grads[n], plain_grads[n], atol=1e-6), n
     # The model keeps its modules and parameter names; remove() restores the plain forward.
@@ -474,11 +466,11 @@ def test_frozen_prefix_cache_starts_over_when_full():
     config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, use_cache=False)
     model = LlamaForCausalLM(config).eval()
-    ls.freeze_except(model, ls.trainable_names(model, 1))
+    llm_finetune.freeze_except(model, llm_finetune.trainable_names(model, 1))
     ids = torch.randint(1, 50, (4, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        pc = ls.FrozenPrefixCache(model, 1, max_rows=3)
+        pc = llm_finetune.FrozenPrefixCache(model, 1, max_rows=3)
         model(input_ids=ids[:2])
         again = model(input_ids=torch.cat([ids[:2], ids[:2], ids[2:]])).logits   # duplicates; more than fits
     assert len(pc.store) == 4 and torch.allclose(again[4:], plain[2:], atol=1e-6)

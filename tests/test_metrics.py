@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from forgetlab import metrics
+from forgetlab import backend_tiny, canaries as canary_scoring, metrics
 from forgetlab.forget_sets import StudyData, canary_ids, canary_prefix_ids
 from forgetlab.models import bos_id, encode, train_tokenizer
 from forgetlab.scoring import mean_token_loss, sequence_logprobs
@@ -124,13 +124,13 @@ def test_rank_correlation():
 
 def test_candidate_sequences_ordering():
     digit_ids = [100 + d for d in range(10)]
-    seqs = metrics.candidate_sequences([0, 5], digit_ids, 2)
+    seqs = canary_scoring.candidate_sequences([0, 5], digit_ids, 2)
     assert len(seqs) == 100
     assert seqs[0] == [0, 5, 100, 100]
     assert seqs[7] == [0, 5, 100, 107]
     assert seqs[42] == [0, 5, 104, 102]
     assert seqs[99] == [0, 5, 109, 109]
-    assert metrics.candidate_sequences([1], digit_ids, 1) == [[1, 100 + d] for d in range(10)]
+    assert canary_scoring.candidate_sequences([1], digit_ids, 1) == [[1, 100 + d] for d in range(10)]
 
 
 # ------------------------------------------------------------------------------------ model-level
@@ -193,8 +193,8 @@ def test_canary_candidate_logprobs_match_sequence_scoring(tiny_study):
     data, model = tiny_study
     prefix = data.canary_prefix_ids()
     digit_ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
-    got = metrics.canary_candidate_logprobs(model, prefix, digit_ids, 2, batch_size=37)
-    seqs = metrics.candidate_sequences(prefix, digit_ids, 2)
+    got = canary_scoring.candidate_logprobs_full(model, prefix, digit_ids, 2, batch_size=37)
+    seqs = canary_scoring.candidate_sequences(prefix, digit_ids, 2)
     want = sequence_logprobs(model, seqs, [len(prefix)] * len(seqs))
     assert got.shape == (100,)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -205,29 +205,29 @@ def test_canary_candidate_logprobs_match_sequence_scoring(tiny_study):
 
 def test_canary_exposures_by_hand(tiny_study):
     data, model = tiny_study
-    table = metrics.canary_exposures(model, data, data.examples)     # non-canary rows are skipped
+    table = backend_tiny.canary_exposures(model, data, data.examples)     # non-canary rows are skipped
     assert list(table.columns) == ["uid", "exposure_bits", "rank"]
     canaries = data.examples[data.examples.kind == "canary"]
     assert table.uid.tolist() == canaries.uid.tolist()
     prefix = data.canary_prefix_ids()
     digit_ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
-    cand = np.array([_manual_ll(model, s, len(prefix)) for s in metrics.candidate_sequences(prefix, digit_ids, 2)])
+    cand = np.array([_manual_ll(model, s, len(prefix)) for s in canary_scoring.candidate_sequences(prefix, digit_ids, 2)])
     for r, t in zip(canaries.itertuples(), table.itertuples()):
         own = cand[int(r.secret)]
         rank = 1 + int(np.sum(cand > own + 1e-5))
         assert t.rank == rank
         assert t.exposure_bits == pytest.approx(math.log2(100) - math.log2(rank))
-    assert metrics.canary_exposures(model, data, data.examples[data.examples.kind != "canary"]).empty
+    assert backend_tiny.canary_exposures(model, data, data.examples[data.examples.kind != "canary"]).empty
 
 
 def test_exposure_of_most_likely_canary_is_log2_R(tiny_study):
     data, model = tiny_study
     prefix = data.canary_prefix_ids()
     digit_ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
-    cand = metrics.canary_candidate_logprobs(model, prefix, digit_ids, 2)
+    cand = canary_scoring.candidate_logprobs_full(model, prefix, digit_ids, 2)
     best, worst = f"{int(np.argmax(cand)):02d}", f"{int(np.argmin(cand)):02d}"
     ex = pd.DataFrame({"uid": ["best", "worst"], "kind": "canary", "secret": [best, worst]})
-    table = metrics.canary_exposures(model, data, ex).set_index("uid")
+    table = backend_tiny.canary_exposures(model, data, ex).set_index("uid")
     assert table.loc["best", "exposure_bits"] == pytest.approx(math.log2(100))
     assert table.loc["best", "rank"] == 1
     assert table.loc["worst", "exposure_bits"] == pytest.approx(0.0, abs=0.03)   # rank 100 (or 99 on a tie)
@@ -235,14 +235,14 @@ def test_exposure_of_most_likely_canary_is_log2_R(tiny_study):
 
 def test_utility_by_hand(tiny_study):
     data, model = tiny_study
-    u = metrics.utility(model, data, eval_rows=4)
+    u = backend_tiny.utility(model, data, eval_rows=4)
     assert list(u) == ["heldout_ppl", "retain_loss", "loss_language", "loss_code"]
     assert u["heldout_ppl"] == pytest.approx(math.exp(mean_token_loss(model, data.heldout_rows[:4])))
-    sample = metrics.retain_sample(data, 4)
+    sample = metrics.seeded_rows(data.train_rows, 4)
     assert sample.shape == (4, 16)
     assert all(any((s == t).all() for t in data.train_rows) for s in sample)
     assert u["retain_loss"] == pytest.approx(mean_token_loss(model, sample))
-    assert metrics.utility(model, data, eval_rows=4) == u                  # the sample is fixed
+    assert backend_tiny.utility(model, data, eval_rows=4) == u                  # the sample is fixed
     for kind in ("language", "code"):
         pop = data.examples[(data.examples.kind == kind) & (data.examples.role == "population")]
         total = sum(_manual_ll(model, list(r.ids), 1) for r in pop.itertuples())

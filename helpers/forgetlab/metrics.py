@@ -1,4 +1,4 @@
-"""Unlearning metrics: exposure (exact and extrapolated), GenEx, RelEx, membership AUC, utility.
+"""Unlearning metrics: exposure (exact and extrapolated), GenEx, RelEx, membership AUC.
 
 The pure functions take log-likelihoods (nats, numpy) and return bits or plain floats; the
 model-level helpers score sequences with :func:`forgetlab.scoring.sequence_logprobs` in batches.
@@ -14,8 +14,7 @@ import pandas as pd
 import torch
 from scipy import special, stats
 
-from .forget_sets import StudyData
-from .scoring import mean_token_loss, sequence_logprobs
+from .scoring import sequence_logprobs
 
 LN2 = math.log(2.0)
 MIN_CDF = np.finfo(np.float64).tiny      # floor of the skew-normal CDF: exposure stays finite (<= ~1022 bits)
@@ -107,6 +106,16 @@ def genex_bits(ll_unlearned: np.ndarray, ll_reference: np.ndarray) -> np.ndarray
     return (log_mean_exp(u, axis=0) - log_mean_exp(r, axis=0)) / LN2
 
 
+def exposure_max_bits(digits: int) -> float:
+    """The largest exposure of a canary with ``digits`` digits: log2 |R| = digits * log2(10) bits."""
+    return digits * math.log2(10)
+
+
+def relex_max_bits(population_size: int) -> float:
+    """The largest RelEx against ``population_size`` peers: log2(1 + |Pop|) bits (the example beats every peer)."""
+    return math.log2(1 + population_size)
+
+
 def relex_bits(ll_x: np.ndarray | float, ll_pop: np.ndarray) -> np.ndarray | float:
     """Relative exposure (bits) of each x against a never-trained population, reference-free.
 
@@ -171,115 +180,7 @@ def example_logprobs(model: torch.nn.Module, examples: pd.DataFrame, batch_size:
     return sequence_logprobs(model, seqs, [int(s) for s in examples.score_start], batch_size=batch_size)
 
 
-def _candidate_digit_matrix(digit_ids: list[int], digits: int) -> np.ndarray:
-    """[10**digits, digits] token ids: row i spells i zero padded, most significant digit first."""
-    if len(digit_ids) != 10:
-        raise ValueError(f"need the token ids of the 10 digits, got {len(digit_ids)}")
-    if digits < 1:
-        raise ValueError(f"digits must be >= 1, got {digits}")
-    values = np.arange(10 ** digits, dtype=np.int64)
-    powers = 10 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
-    return np.asarray(digit_ids, dtype=np.int64)[(values[:, None] // powers) % 10]
-
-
-def candidate_sequences(prefix_ids: list[int], digit_ids: list[int], digits: int) -> list[list[int]]:
-    """All 10**digits canary candidates: prefix + one token per digit; index i is the number i."""
-    mat = _candidate_digit_matrix(digit_ids, digits)
-    prefix = [int(t) for t in prefix_ids]
-    return [prefix + row for row in mat.tolist()]
-
-
-@torch.no_grad()
-def canary_candidate_logprobs(model: torch.nn.Module, prefix_ids: list[int], digit_ids: list[int], digits: int,
-                              batch_size: int = 1024) -> np.ndarray:
-    """ll (nats) of every candidate's digit tokens given the prefix: array [10**digits], index = number.
-
-    Reference implementation: scores each full candidate (all have the same length, so no padding).
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    mat = _candidate_digit_matrix(digit_ids, digits)
-    prefix = torch.as_tensor([int(t) for t in prefix_ids], dtype=torch.long)
-    p = len(prefix)
-    if p < 1:
-        raise ValueError("the canary prefix must hold at least one token (BOS)")
-    out = np.zeros(len(mat), dtype=np.float64)
-    for b in range(0, len(mat), batch_size):
-        block = torch.as_tensor(mat[b:b + batch_size])
-        ids = torch.cat([prefix.expand(len(block), p), block], dim=1).to(device)
-        logits = model(input_ids=ids).logits[:, p - 1:-1].float()            # predicts the digit positions
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, p:, None]).squeeze(-1)
-        out[b:b + len(block)] = logp.sum(1).double().cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def _digit_ids(data: StudyData) -> list[int]:
-    ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
-    missing = [d for d, i in enumerate(ids) if i is None]
-    if missing:
-        raise ValueError(f"the tokenizer has no single token for digit(s) {missing}")
-    return ids
-
-
-def all_candidate_logprobs(model: torch.nn.Module, data: StudyData) -> np.ndarray:
-    """ll of every candidate secret of R under `model`: the trie scorer for GPT-2, full sequences otherwise."""
-    from .exposure_trie import trie_candidate_logprobs
-    prefix, digit_ids, digits = data.canary_prefix_ids(), _digit_ids(data), data.canary_digits
-    try:
-        return trie_candidate_logprobs(model, prefix, digit_ids, digits)
-    except TypeError:   # not a GPT-2 block layout: score full sequences
-        return canary_candidate_logprobs(model, prefix, digit_ids, digits)
-
-
-def canary_exposures(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame) -> pd.DataFrame:
-    """Exact exposure of each canary row of `examples`: columns uid, exposure_bits, rank.
-
-    The candidate log-probs are computed once; each secret's own ll is read from the same array,
-    so its rank is consistent with the candidates it is compared to.
-    """
-    canaries = examples[examples.kind == "canary"]
-    if len(canaries) == 0:
-        return pd.DataFrame({"uid": pd.Series(dtype=str), "exposure_bits": pd.Series(dtype=float),
-                             "rank": pd.Series(dtype=int)})
-    digits = data.canary_digits
-    cand = all_candidate_logprobs(model, data)
-    rows = []
-    for r in canaries.itertuples():
-        secret = str(r.secret)
-        if len(secret) != digits or not secret.isdigit():
-            raise ValueError(f"canary {r.uid}: secret {secret!r} is not {digits} digits")
-        own = cand[int(secret)]
-        rows.append({"uid": r.uid, "exposure_bits": exposure_from_logprobs(own, cand),
-                     "rank": exposure_rank(own, cand)})
-    return pd.DataFrame(rows)
-
-
 def seeded_rows(rows: np.ndarray, n: int) -> np.ndarray:
     """A fixed, seeded sample of `n` of `rows` (in original order): the rows the retain loss is measured on."""
     idx = np.sort(np.random.default_rng(RETAIN_SEED).choice(len(rows), size=min(n, len(rows)), replace=False))
     return rows[idx]
-
-
-def retain_sample(data: StudyData, eval_rows: int = 64) -> np.ndarray:
-    """A fixed, seeded sample of `eval_rows` shared training rows (in original order), for the retain loss."""
-    return seeded_rows(data.train_rows, eval_rows)
-
-
-@torch.no_grad()
-def utility(model: torch.nn.Module, data: StudyData, eval_rows: int = 64) -> dict[str, float]:
-    """Performance of a model, in nats per token (perplexity for held-out text).
-
-    heldout_ppl: exp(mean token NLL) on the first `eval_rows` held-out rows; retain_loss: mean
-    token NLL on a seeded sample of `eval_rows` training rows; loss_<kind>: per-token NLL of each
-    OOD kind's never-trained population examples (canaries excluded: their loss is the exposure).
-    """
-    out = {"heldout_ppl": float(math.exp(mean_token_loss(model, data.heldout_rows[:eval_rows]))),
-           "retain_loss": float(mean_token_loss(model, retain_sample(data, eval_rows)))}
-    kinds = [k for k in pd.unique(data.examples.kind) if k not in ("id", "canary")]
-    for kind in kinds:
-        pop = data.examples[(data.examples.kind == kind) & (data.examples.role == "population")]
-        if len(pop):
-            out[f"loss_{kind}"] = float(-example_logprobs(model, pop).sum() / pop.n_scored.sum())
-    return out

@@ -1,220 +1,18 @@
-"""The unlearning study: unlearn each forget set with each method and record every metric per step.
+"""Summaries of a study table (:func:`forgetlab.engine.run_study`): curves, steps to unlearn, the claims.
 
-The result is one tidy table (one row per method x kind x seed x step x example x metric), cached
-like the models, from which notebooks 03 and 04 draw every figure and summary.
-
-Metrics recorded at each recorded step:
-- per forget and control example: ``ll`` (nats, under each unlearned seed), ``relex_bits``, and for
-  canaries ``exposure_bits`` (skew-normal extrapolation from a fixed candidate sample; exact over all
-  of R at the first and last step, as ``exposure_exact_bits``);
-- after the run, ``genex_bits`` per example and step, from the lls of all unlearned seeds against all
-  reference seeds;
-- per model: utility (``heldout_ppl``, ``retain_loss``, ``loss_<kind>``) and ``membership_auc``.
+Every function takes the tidy per-step table (``step, seed, uid, role, metric, value, kind, method``) of any
+backend, so notebooks 03, 04 and 06 summarise the tiny GPT-2 and SmolLM2 alike.
 """
 from __future__ import annotations
 
-import copy
-import io
+import json
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import metrics
-from .cache import ArtifactCache, cache_key
-from .experiment import TrainedModel, model_key
-from .forget_sets import StudyData
-from .unlearning import UnlearnSettings, Unlearner
-
-STUDY_VERSION = 1
-CANARY_SAMPLE = 512          # never-trained candidates scored each step (RelEx population, exposure fit)
-UTILITY_ROWS = 48            # held-out and retain rows scored each step
-RETAIN_ROWS = 1024           # rows gradient difference draws its retain batches from
-UNLEARN_KEYS = ("unlearn_lr", "unlearn_steps", "unlearn_batch", "unlearn_optimizer", "grad_clip", "record_every",
-                "retain_weight", "npo_beta", "seed")
-
-
-class StudyInputError(ValueError):
-    """The forget set, models or parameters cannot be used together; the message says why."""
-
-
-def _trained_secrets(data: StudyData) -> set[str]:
-    can = data.select("canary")
-    return set(can[can.role.isin(["forget", "background"])].secret)
-
-
-def canary_population(data: StudyData, size: int = CANARY_SAMPLE, seed: int = 0) -> pd.DataFrame:
-    """A fixed sample of never-trained canary candidates, shaped like the examples table."""
-    digits = data.canary_digits
-    excluded = {int(s) for s in _trained_secrets(data)} | {int(s) for s in data.select("canary", "control").secret}
-    rng = np.random.default_rng(seed)
-    pool = np.setdiff1d(np.arange(10 ** digits), np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
-    chosen = np.sort(rng.choice(pool, size=min(size, len(pool)), replace=False))
-    prefix = data.canary_prefix_ids()
-    digit_ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
-    rows = [{"uid": f"canary-population-{v:0{digits}d}", "kind": "canary", "role": "population",
-             "ids": prefix + [digit_ids[int(c)] for c in f"{v:0{digits}d}"], "score_start": len(prefix),
-             "n_scored": digits, "secret": f"{v:0{digits}d}"} for v in chosen]
-    return pd.DataFrame(rows)
-
-
-def check_inputs(p: dict, data: StudyData, models: dict[str, list[TrainedModel]], kind: str) -> None:
-    """Refuse combinations that would give meaningless numbers, before any long work."""
-    if kind not in p["forget_kinds"]:
-        raise StudyInputError(f"forget set {kind!r} is not in this run's training data (forget_kinds = "
-                              f"{p['forget_kinds']}): add it to forget_kinds and retrain")
-    if p["target_bits"] < 0:
-        raise StudyInputError(f"target_bits = {p['target_bits']} is below zero: GenEx targets are >= 0 bits")
-    if p["unlearn_steps"] < 1:
-        raise StudyInputError("unlearn_steps must be at least 1")
-    vocab = data.tokenizer.get_vocab_size()
-    for m in models["original"] + models["reference"]:
-        if m.model.config.vocab_size != vocab:
-            raise StudyInputError(f"{m.role} model (seed {m.seed}) has vocabulary {m.model.config.vocab_size} but the "
-                                  f"forget sets use a tokenizer of {vocab}: load models and data with the same parameters")
-        if m.meta.get("data_fingerprint", data.fingerprint()) != data.fingerprint():
-            raise StudyInputError(f"{m.role} model (seed {m.seed}) was trained on other data than these forget sets")
-
-
-@dataclass
-class ForgetSetView:
-    """What one unlearning run scores: its forget and control examples and their never-trained population."""
-    kind: str
-    targets: pd.DataFrame      # forget + control examples of the kind
-    population: pd.DataFrame   # never-trained peers (RelEx population, membership non-members)
-
-    @classmethod
-    def build(cls, data: StudyData, kind: str) -> "ForgetSetView":
-        ex = data.select(kind)
-        targets = ex[ex.role.isin(["forget", "control"])].reset_index(drop=True)
-        population = canary_population(data) if kind == "canary" else ex[ex.role == "population"].reset_index(drop=True)
-        return cls(kind, targets, population)
-
-
-def reference_logprobs(models: dict[str, list[TrainedModel]], examples: pd.DataFrame) -> np.ndarray:
-    """ll of each example under each reference model: [n_reference, n_examples]."""
-    return np.stack([metrics.example_logprobs(m.model, examples) for m in models["reference"]])
-
-
-def target_records(targets: pd.DataFrame, ll_t: np.ndarray, ll_pop: np.ndarray, extrapolate: bool) -> list[dict]:
-    """Per forget and control example: ``ll``, ``relex_bits`` against the population and, with `extrapolate`
-    (canaries), ``exposure_bits`` from a skew-normal fitted to the population."""
-    relex = metrics.relex_bits(ll_t, ll_pop)
-    exposure = metrics.extrapolated_exposure(ll_t, ll_pop) if extrapolate else None
-    recs = []
-    for i, r in enumerate(targets.itertuples()):
-        recs += [{"uid": r.uid, "role": r.role, "metric": "ll", "value": float(ll_t[i])},
-                 {"uid": r.uid, "role": r.role, "metric": "relex_bits", "value": float(relex[i])}]
-        if exposure is not None:
-            recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_bits", "value": float(exposure[i])})
-    return recs
-
-
-def model_records(per_token_forget: np.ndarray, per_token_pop: np.ndarray, utility: dict[str, float]) -> list[dict]:
-    """Per model: ``membership_auc`` (forget examples against the population, per-token ll) and the utility."""
-    recs = [{"uid": "", "role": "model", "metric": "membership_auc",
-             "value": metrics.membership_auc(per_token_forget, per_token_pop)}]
-    return recs + [{"uid": "", "role": "model", "metric": name, "value": float(value)}
-                   for name, value in utility.items()]
-
-
-def make_evaluator(data: StudyData, view: ForgetSetView, final_step: int):
-    """The function the unlearner calls at each recorded step; returns tidy records."""
-    scored = pd.concat([view.targets, view.population], ignore_index=True)
-    n_t = len(view.targets)
-    n_scored = scored.n_scored.to_numpy()
-    is_forget = (view.targets.role == "forget").to_numpy()
-
-    def evaluate(model, step: int) -> list[dict]:
-        ll = metrics.example_logprobs(model, scored)
-        ll_t, ll_pop = ll[:n_t], ll[n_t:]
-        recs = target_records(view.targets, ll_t, ll_pop, extrapolate=view.kind == "canary")
-        if view.kind == "canary" and step in (0, final_step):
-            all_ll = metrics.all_candidate_logprobs(model, data)
-            for i, r in enumerate(view.targets.itertuples()):
-                recs.append({"uid": r.uid, "role": r.role, "metric": "exposure_exact_bits",
-                             "value": metrics.exposure_from_logprobs(ll_t[i], all_ll)})
-        per_token = ll / n_scored
-        return recs + model_records(per_token[:n_t][is_forget], per_token[n_t:],
-                                    metrics.utility(model, data, eval_rows=UTILITY_ROWS))
-
-    return evaluate
-
-
-def retain_rows(data: StudyData, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(data.train_rows), size=min(RETAIN_ROWS, len(data.train_rows)), replace=False))
-    return data.train_rows[idx]
-
-
-def unlearn_forget_set(p: dict, data: StudyData, models: dict[str, list[TrainedModel]], kind: str, method: str,
-                       ref_ll: np.ndarray | None = None, steps: int | None = None,
-                       keep_unlearners: bool = False) -> tuple[pd.DataFrame, list[Unlearner]]:
-    """Unlearn one forget set from every original seed with one method; return the tidy table."""
-    check_inputs(p, data, models, kind)
-    settings = UnlearnSettings.from_params(p, method)
-    steps = steps or settings.steps
-    view = ForgetSetView.build(data, kind)
-    forget = view.targets[view.targets.role == "forget"]
-    if ref_ll is None:
-        ref_ll = reference_logprobs(models, view.targets)
-    evaluate = make_evaluator(data, view, steps)
-    frames, unlearners = [], []
-    for tm in models["original"]:
-        model = copy.deepcopy(tm.model)
-        u = Unlearner(model, [list(i) for i in forget.ids], forget.score_start.tolist(), settings, data.bos,
-                      retain_rows=retain_rows(data, p["seed"]))
-        frames.append(pd.DataFrame(u.run(steps, evaluate)).assign(seed=tm.seed))
-        if keep_unlearners:
-            unlearners.append(u)
-    table = pd.concat(frames, ignore_index=True).assign(kind=kind, method=method)
-    return add_genex(table, view.targets, ref_ll), unlearners
-
-
-def add_genex(table: pd.DataFrame, targets: pd.DataFrame, ref_ll: np.ndarray) -> pd.DataFrame:
-    """Append genex_bits rows (seed = -1: an expectation over all unlearned seeds) per example and step."""
-    ll = table[table.metric == "ll"].pivot_table(index=["step", "seed"], columns="uid", values="value")
-    ll = ll.reindex(columns=targets.uid)
-    rows = []
-    for step, block in ll.groupby(level="step"):
-        bits = metrics.genex_bits(block.to_numpy(), ref_ll)
-        rows += [{"step": step, "seed": -1, "uid": u, "role": r, "metric": "genex_bits", "value": float(b)}
-                 for u, r, b in zip(targets.uid, targets.role, bits)]
-    extra = pd.DataFrame(rows).assign(kind=table.kind.iloc[0], method=table.method.iloc[0])
-    return pd.concat([table, extra], ignore_index=True)
-
-
-def study_key(p: dict, data: StudyData, models: dict[str, list[TrainedModel]]) -> str:
-    keys = [model_key(p, data, m.role, m.seed) for m in models["original"] + models["reference"]]
-    return cache_key("study", STUDY_VERSION, {k: p[k] for k in UNLEARN_KEYS}, p["forget_kinds"], p["methods"],
-                     p["target_bits"], keys, CANARY_SAMPLE, UTILITY_ROWS)
-
-
-def run_study(p: dict, data: StudyData, models: dict[str, list[TrainedModel]],
-              cache: ArtifactCache | None = None) -> pd.DataFrame:
-    """Every forget set x every method: the full per-step table (cached)."""
-    cache = cache or ArtifactCache()
-    for kind in p["forget_kinds"]:
-        check_inputs(p, data, models, kind)
-    key = study_key(p, data, models)
-    if cache.has("study", key):
-        _, _, files = cache.load("study", key)
-        return pd.read_csv(io.StringIO(files["results.csv"]), keep_default_na=False, na_values=[""],
-                           dtype={"uid": str}).fillna({"uid": ""})
-    ref_all = reference_logprobs(models, data.examples)
-    frames = []
-    jobs = [(k, m) for k in p["forget_kinds"] for m in p["methods"]]
-    for kind, method in tqdm(jobs, desc="unlearning", mininterval=1.0):
-        view = ForgetSetView.build(data, kind)
-        ref_ll = ref_all[:, data.examples.uid.isin(view.targets.uid).to_numpy()]
-        order = data.examples.uid[data.examples.uid.isin(view.targets.uid)].tolist()
-        ref_ll = ref_ll[:, [order.index(u) for u in view.targets.uid]]
-        frames.append(unlearn_forget_set(p, data, models, kind, method, ref_ll=ref_ll)[0])
-    table = pd.concat(frames, ignore_index=True)
-    cache.save("study", key, {"rows": len(table)}, files={"results.csv": table.to_csv(index=False)})
-    return table
 
 
 # ---- summaries -----------------------------------------------------------------------------------
@@ -320,16 +118,73 @@ def claims(summary: pd.DataFrame, util: pd.DataFrame, method: str = "ga") -> pd.
     return pd.DataFrame(rows)
 
 
-def claims_markdown(table: pd.DataFrame, method: str = "ga") -> str:
-    """A short written summary of `claims(...)`, one bullet per claim."""
+def claims_markdown(table: pd.DataFrame, method: str = "ga", labels: dict[str, str] | None = None) -> str:
+    """A short written summary of `claims(...)`, one bullet per claim; ``labels`` names the kinds."""
+    name = (labels or {}).get
     if table.empty:
         return "No ID forget set in this run, so the ID-vs-OOD claims cannot be checked."
     lines = [f"**What this run measured ({method}):**", ""]
     for claim, g in table.groupby("claim", sort=False):
         def fmt(v: float, budget: float) -> str:
             return f"not reached in {budget:.0f} steps" if np.isinf(v) else ("n/a" if np.isnan(v) else f"{v:.3g}")
-        parts = [f"{r.ood_kind}: ID {fmt(r.id_value, r.step_budget)} vs OOD {fmt(r.ood_value, r.step_budget)} → {r.verdict}"
-                 for r in g.itertuples()]
+        parts = [f"{name(r.ood_kind, r.ood_kind)}: {name('id', 'ID')} {fmt(r.id_value, r.step_budget)} vs "
+                 f"{name(r.ood_kind, 'OOD')} {fmt(r.ood_value, r.step_budget)} → {r.verdict}" for r in g.itertuples()]
         n_agree = (g.verdict == "agrees").sum()
         lines.append(f"- *{claim}* — the run agrees for {n_agree} of {len(g)} OOD kinds ({'; '.join(parts)}).")
     return "\n".join(lines)
+
+
+def exact_exposure_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean exact canary exposure (bits) per method and role (forget, control), at the first and last step."""
+    exact = table[table.metric == "exposure_exact_bits"]
+    return (exact.groupby(["method", "role", "step"]).value.mean().unstack("step")
+            .rename(columns=lambda s: f"exact exposure at step {s} (bits)"))
+
+
+def start_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Before unlearning (step 0): mean GenEx and RelEx of forget and control examples, exact canary exposure."""
+    t = table[(table.step == 0) & table.role.isin(["forget", "control"])]
+    t = t[t.metric.isin(["genex_bits", "relex_bits", "exposure_exact_bits"])]
+    t = t.drop_duplicates(["kind", "uid", "metric", "seed"])   # step 0 is the same model for every method
+    return t.groupby(["kind", "role", "metric"]).value.mean().unstack("metric").reset_index()
+
+
+def agreement_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """RelEx and GenEx side by side per method, kind, step and example (for ``plots.relex_vs_genex``)."""
+    return (table[table.metric.isin(["relex_bits", "genex_bits"])]
+            .groupby(["method", "kind", "step", "uid", "metric"]).value.mean().unstack("metric")
+            .rename(columns={"relex_bits": "relex", "genex_bits": "genex"}).dropna().reset_index())
+
+
+def tiny_agreement(summary_path) -> dict[str, float | None]:
+    """RelEx/GenEx Spearman correlations of the tiny-model study (notebook 04's section of ``summary.json``),
+    keyed ``kind/method``; empty when that notebook has not run into the same output folder."""
+    path = Path(summary_path)
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return dict(summary.get("tradeoffs", {}).get("relex_genex_spearman", {}))
+
+
+FORGET_SET_FIELDS = ("steps_to_target", "steps_to_remove_50pct", "steps_to_remove_90pct", "heldout_ppl_initial",
+                     "heldout_ppl_at_target", "final_heldout_ppl", "ppl_increase_per_bit", "initial_genex_bits",
+                     "final_genex_bits", "initial_relex_bits", "final_relex_bits")
+
+
+def summary_record(summary: pd.DataFrame, agreement: pd.DataFrame | None = None,
+                   verdicts: pd.DataFrame | None = None) -> dict:
+    """The ``summary.json`` section of a study: per forget set and method, and (if given) the RelEx/GenEx
+    agreement and the claims; infinities and NaN become null."""
+    record: dict = {"per_forget_set": {f"{r['kind']}/{r['method']}": {f: finite_or_none(r[f]) for f in FORGET_SET_FIELDS
+                                                                  if f in r}
+                                       for r in summary.to_dict(orient="records")}}
+    if agreement is not None:
+        record["relex_genex_spearman"] = {f"{r.kind}/{r.method}": finite_or_none(r.spearman)
+                                          for r in agreement.itertuples()}
+    if verdicts is not None:
+        record["claims"] = [{"claim": r.claim, "ood_kind": r.ood_kind, "id": finite_or_none(r.id_value),
+                             "ood": finite_or_none(r.ood_value), "verdict": r.verdict} for r in verdicts.itertuples()]
+    return record

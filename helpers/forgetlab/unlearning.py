@@ -152,7 +152,7 @@ class Unlearner:
         if settings.method == "graddiff":
             if retain_rows is None:
                 raise ValueError("method 'graddiff' needs retain rows: pass retain_rows=<[n, block] token array> "
-                                 "(e.g. forgetlab.study.retain_rows(data, seed))")
+                                 "(e.g. forgetlab.backend_tiny.retain_rows(data, seed))")
             rows = np.asarray(retain_rows)
             if rows.ndim != 2 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer):
                 raise ValueError(f"retain_rows must be a non-empty 2-D integer array [n, block]; got shape "
@@ -239,7 +239,8 @@ class Unlearner:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the trajectory depends on, as named CPU tensors (no pickling; safetensors can save it)."""
-        out = {f"model.{n}": p.detach().cpu().clone().contiguous() for n, p in self.model.named_parameters()}
+        out = {f"model.{n}": p.detach().cpu().clone().contiguous() for n, p in self.model.named_parameters()
+               if p.requires_grad}                      # frozen weights never change: the model has them
         for i, state in self.optimizer.state_dict()["state"].items():
             for k, v in state.items():
                 if isinstance(v, torch.Tensor):
@@ -263,6 +264,7 @@ class Unlearner:
                              f"(saved: {saved}; here: {bytes(self._fingerprint().tolist()).decode()}): "
                              f"build the Unlearner with the saved settings")
         params = dict(self.model.named_parameters())
+        params = {n: p for n, p in params.items() if p.requires_grad}
         missing = [n for n in params if f"model.{n}" not in d]
         if missing:
             raise ValueError(f"the saved state lacks model weights {missing[:3]}: it is from another architecture")

@@ -1,0 +1,115 @@
+"""The SmolLM2-135M backend of the study engine (notebook 06): a pretrained LLM fine-tuned with the forget sets.
+
+A real LLM comes pretrained, so the *original* is the pretrained model fine-tuned on a small training set that
+holds the forget sets, and each *reference* the same fine-tuning without them (:mod:`forgetlab.llm_finetune`).
+The models differ only in their last blocks, so one working copy is kept and each model's tensors are swapped in.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import canaries, metrics
+from .cache import ArtifactCache, cache_key
+from .config import METHODS
+from .engine import ENGINE_VERSION, ForgetSetView
+from .llm_data import KIND_LABELS, KINDS, LLMStudyData, build_llm_data
+from .llm_finetune import EVAL_BATCH, LLMModels, get_llm_models
+from .scoring import mean_token_loss
+from .unlearning import UnlearnSettings
+
+
+def unlearn_settings(p: dict, method: str) -> UnlearnSettings:
+    """The LLM's unlearning settings: its own learning rate, steps, batch and recording schedule."""
+    return UnlearnSettings(method=method, lr=p["llm_unlearn_lr"], steps=p["llm_unlearn_steps"],
+                           batch=p["llm_batch_size"], optimizer=p["unlearn_optimizer"], grad_clip=p["grad_clip"],
+                           record_every=p["llm_record_every"], retain_weight=p["retain_weight"],
+                           npo_beta=p["npo_beta"], seed=p["seed"])
+
+
+def utility(model: torch.nn.Module, data: LLMStudyData) -> dict[str, float]:
+    """heldout_ppl: perplexity of the held-out English rows; retain_loss: nats/token on shared training rows."""
+    return {"heldout_ppl": math.exp(mean_token_loss(model, data.heldout_rows, batch_size=EVAL_BATCH)),
+            "retain_loss": mean_token_loss(model, data.retain_sample(len(data.heldout_rows)), batch_size=EVAL_BATCH)}
+
+
+def pretrained_losses(model: torch.nn.Module, data: LLMStudyData) -> pd.DataFrame:
+    """How familiar each kind is to a model: loss of its never-trained population, per token and per character.
+
+    Per-character loss is the fair comparison across kinds: the tokenizer cuts Persian into many more tokens per
+    character than English.
+    """
+    rows = []
+    for kind in KINDS:
+        pop = data.select(kind, "population")
+        ll = metrics.example_logprobs(model, pop, batch_size=EVAL_BATCH)
+        chars = pop.text.str.len().to_numpy() if kind != "canary" else pop.secret.str.len().to_numpy()
+        rows.append({"kind": kind, "examples": len(pop), "scored_tokens": float(pop.n_scored.mean()),
+                     "loss_per_token": float(-ll.sum() / pop.n_scored.sum()),
+                     "loss_per_char": float(-ll.sum() / chars.sum())})
+    return pd.DataFrame(rows)
+
+
+class SmolLM2:
+    """The study on SmolLM2-135M-Instruct, through the same engine as the tiny model."""
+    name = "smollm2-135m"
+    kinds = KINDS
+    labels = dict(KIND_LABELS)
+
+    def __init__(self, p: dict, data: LLMStudyData, models: LLMModels, tokenizer=None):
+        unknown = [m for m in p["llm_methods"] if m not in METHODS]
+        if unknown:
+            raise ValueError(f"llm_methods has unknown methods {unknown}: use {', '.join(METHODS)}")
+        self.p, self.data, self.models, self.tokenizer = p, data, models, tokenizer
+        self.methods = tuple(p["llm_methods"])
+        self.original_seeds = [models.seed]
+        self.pad_id = data.start_id
+        self.retain_rows = data.retain_rows
+        self.target_bits = p["llm_target_bits"]
+
+    @classmethod
+    def build(cls, p: dict, device: str | torch.device = "cpu", cache: ArtifactCache | None = None) -> "SmolLM2":
+        """Load SmolLM2 (converted once from its GGUF), build the forget sets, fine-tune (or load) the models."""
+        from . import llm
+        model, tokenizer = llm.load_smollm(cache, device=device)
+        data = build_llm_data(p, tokenizer)
+        models = get_llm_models(p, data, model, llm.llm_key(llm.gguf_path()), cache)
+        return cls(p, data, models, tokenizer)
+
+    def settings(self, method: str) -> UnlearnSettings:
+        return unlearn_settings(self.p, method)
+
+    def view(self, kind: str) -> ForgetSetView:
+        return ForgetSetView.build(self.data.examples, kind, self.kinds)
+
+    def original(self, seed: int) -> torch.nn.Module:
+        return self.models.use(self.models.original)
+
+    def release(self, model: torch.nn.Module) -> None:
+        self.models.use(self.models.original)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    def reference_logprobs(self, examples: pd.DataFrame) -> np.ndarray:
+        out = []
+        for seed in sorted(self.models.references):
+            self.models.use(self.models.references[seed])
+            out.append(metrics.example_logprobs(self.models.model, examples, batch_size=EVAL_BATCH))
+        self.models.use(self.models.original)
+        return np.stack(out)
+
+    def example_logprobs(self, model: torch.nn.Module, examples: pd.DataFrame) -> np.ndarray:
+        return metrics.example_logprobs(model, examples, batch_size=EVAL_BATCH)
+
+    def candidate_logprobs(self, model: torch.nn.Module) -> np.ndarray:
+        d = self.data
+        return canaries.candidate_logprobs(model, d.canary_prefix, d.digit_ids, d.canary_digits)
+
+    def utility(self, model: torch.nn.Module) -> dict[str, float]:
+        return utility(model, self.data)
+
+    def key(self) -> str:
+        return cache_key(self.name, ENGINE_VERSION, self.models.keys(), self.data.fingerprint(), EVAL_BATCH)

@@ -1,0 +1,170 @@
+"""The tiny GPT-2 backend of the study engine: models trained from scratch on Shakespeare with the forget sets.
+
+Originals and references come from :mod:`forgetlab.experiment` (trained on demand, cached). Every original seed
+is unlearned from a fresh copy of its model.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import canaries, metrics
+from .cache import ArtifactCache, cache_key
+from .engine import ENGINE_VERSION, ForgetSetView, StudyInputError
+from .experiment import TrainedModel, get_models, get_study_data, model_key
+from .forget_sets import StudyData
+from .scoring import mean_token_loss
+from .unlearning import UnlearnSettings
+
+CANARY_SAMPLE = 512          # never-trained candidates scored each step (RelEx population, exposure fit)
+UTILITY_ROWS = 48            # held-out and retain rows scored each step
+RETAIN_ROWS = 1024           # rows gradient difference draws its retain batches from
+LABELS = {"id": "ID (Shakespeare)", "canary": "OOD: canaries", "language": "OOD: other language",
+          "code": "OOD: Python code"}
+
+
+def digit_ids(data: StudyData) -> list[int]:
+    """Token ids of the digits 0-9 (each digit is one token of the tiny tokenizer)."""
+    ids = [data.tokenizer.token_to_id(str(d)) for d in range(10)]
+    missing = [d for d, i in enumerate(ids) if i is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no single token for digit(s) {missing}")
+    return ids
+
+
+def candidate_logprobs(model: torch.nn.Module, data: StudyData) -> np.ndarray:
+    """ll of every candidate secret of R under ``model`` (index = the secret as a number)."""
+    return canaries.candidate_logprobs(model, data.canary_prefix_ids(), digit_ids(data), data.canary_digits)
+
+
+def canary_exposures(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame) -> pd.DataFrame:
+    """Exact exposure of each canary row of `examples`: columns uid, exposure_bits, rank.
+
+    The candidate log-probs are computed once; each secret's own ll is read from the same array, so its rank is
+    consistent with the candidates it is compared to.
+    """
+    canaries_ = examples[examples.kind == "canary"]
+    if len(canaries_) == 0:
+        return pd.DataFrame({"uid": pd.Series(dtype=str), "exposure_bits": pd.Series(dtype=float),
+                             "rank": pd.Series(dtype=int)})
+    digits = data.canary_digits
+    cand = candidate_logprobs(model, data)
+    rows = []
+    for r in canaries_.itertuples():
+        secret = str(r.secret)
+        if len(secret) != digits or not secret.isdigit():
+            raise ValueError(f"canary {r.uid}: secret {secret!r} is not {digits} digits")
+        own = cand[int(secret)]
+        rows.append({"uid": r.uid, "exposure_bits": metrics.exposure_from_logprobs(own, cand),
+                     "rank": metrics.exposure_rank(own, cand)})
+    return pd.DataFrame(rows)
+
+
+def canary_population(data: StudyData, size: int = CANARY_SAMPLE, seed: int = 0) -> pd.DataFrame:
+    """A fixed sample of never-trained canary candidates, shaped like the examples table."""
+    digits = data.canary_digits
+    can = data.select("canary")
+    excluded = {int(s) for s in can[can.role != "population"].secret}
+    rng = np.random.default_rng(seed)
+    pool = np.setdiff1d(np.arange(10 ** digits), np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    chosen = np.sort(rng.choice(pool, size=min(size, len(pool)), replace=False))
+    prefix = data.canary_prefix_ids()
+    ids = digit_ids(data)
+    rows = [{"uid": f"canary-population-{v:0{digits}d}", "kind": "canary", "role": "population",
+             "ids": prefix + [ids[int(c)] for c in f"{v:0{digits}d}"], "score_start": len(prefix),
+             "n_scored": digits, "secret": f"{v:0{digits}d}"} for v in chosen]
+    return pd.DataFrame(rows)
+
+
+def retain_rows(data: StudyData, seed: int, n: int = RETAIN_ROWS) -> np.ndarray:
+    """A seeded sample of shared training rows (in order): gradient difference's retain set."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(data.train_rows), size=min(n, len(data.train_rows)), replace=False))
+    return data.train_rows[idx]
+
+
+@torch.no_grad()
+def utility(model: torch.nn.Module, data: StudyData, eval_rows: int = UTILITY_ROWS) -> dict[str, float]:
+    """Performance of a model, in nats per token (perplexity for held-out text).
+
+    heldout_ppl: exp(mean token NLL) on the first `eval_rows` held-out rows; retain_loss: mean token NLL on a
+    seeded sample of `eval_rows` training rows; loss_<kind>: per-token NLL of each OOD kind's never-trained
+    population (canaries excluded: their loss is the exposure).
+    """
+    out = {"heldout_ppl": float(np.exp(mean_token_loss(model, data.heldout_rows[:eval_rows]))),
+           "retain_loss": float(mean_token_loss(model, metrics.seeded_rows(data.train_rows, eval_rows)))}
+    for kind in [k for k in pd.unique(data.examples.kind) if k not in ("id", "canary")]:
+        pop = data.select(kind, "population")
+        if len(pop):
+            out[f"loss_{kind}"] = float(-metrics.example_logprobs(model, pop).sum() / pop.n_scored.sum())
+    return out
+
+
+def check_models(data: StudyData, models: dict[str, list[TrainedModel]]) -> None:
+    """Refuse models that do not belong to this data, before any long work."""
+    vocab = data.tokenizer.get_vocab_size()
+    for m in models["original"] + models["reference"]:
+        if m.model.config.vocab_size != vocab:
+            raise StudyInputError(f"{m.role} model (seed {m.seed}) has vocabulary {m.model.config.vocab_size} but "
+                                  f"the forget sets use a tokenizer of {vocab}: load models and data with the same "
+                                  f"parameters")
+        if m.meta.get("data_fingerprint", data.fingerprint()) != data.fingerprint():
+            raise StudyInputError(f"{m.role} model (seed {m.seed}) was trained on other data than these forget sets")
+
+
+class TinyGPT2:
+    """The study on the tiny GPT-2 models of notebook 02."""
+    name = "tiny-gpt2"
+
+    def __init__(self, p: dict, data: StudyData, models: dict[str, list[TrainedModel]]):
+        check_models(data, models)
+        self.p, self.data, self.models = p, data, models
+        self.kinds = tuple(p["forget_kinds"])
+        self.methods = tuple(p["methods"])
+        self.labels = {k: LABELS.get(k, k) for k in self.kinds}
+        self.original_seeds = [m.seed for m in models["original"]]
+        self.pad_id = data.bos
+        self.retain_rows = retain_rows(data, p["seed"])
+        self.target_bits = p["target_bits"]
+        self._originals = {m.seed: m.model for m in models["original"]}
+        self._views: dict[str, ForgetSetView] = {}
+
+    @classmethod
+    def build(cls, p: dict, cache: ArtifactCache | None = None) -> "TinyGPT2":
+        """Data and every model of the run (from the cache, or built now)."""
+        data = get_study_data(p, cache)
+        return cls(p, data, get_models(p, data, cache))
+
+    def settings(self, method: str) -> UnlearnSettings:
+        return UnlearnSettings.from_params(self.p, method)
+
+    def view(self, kind: str) -> ForgetSetView:
+        if kind not in self._views:
+            population = canary_population(self.data) if kind == "canary" else None
+            self._views[kind] = ForgetSetView.build(self.data.examples, kind, self.kinds, population)
+        return self._views[kind]
+
+    def original(self, seed: int) -> torch.nn.Module:
+        return copy.deepcopy(self._originals[seed])
+
+    def release(self, model: torch.nn.Module) -> None:
+        pass
+
+    def reference_logprobs(self, examples: pd.DataFrame) -> np.ndarray:
+        return np.stack([metrics.example_logprobs(m.model, examples) for m in self.models["reference"]])
+
+    def example_logprobs(self, model: torch.nn.Module, examples: pd.DataFrame) -> np.ndarray:
+        return metrics.example_logprobs(model, examples)
+
+    def candidate_logprobs(self, model: torch.nn.Module) -> np.ndarray:
+        return candidate_logprobs(model, self.data)
+
+    def utility(self, model: torch.nn.Module) -> dict[str, float]:
+        return utility(model, self.data)
+
+    def key(self) -> str:
+        keys = [model_key(self.p, self.data, m.role, m.seed) for m in self.models["original"] + self.models["reference"]]
+        return cache_key(self.name, ENGINE_VERSION, keys, CANARY_SAMPLE, UTILITY_ROWS, RETAIN_ROWS, self.p["seed"])

@@ -1,9 +1,8 @@
-from pathlib import Path
-
 import pytest
 
 from forgetlab import data
-from forgetlab.models import decode, train_tokenizer
+from forgetlab.config import ParameterError, load_params
+from forgetlab.tokenizer import decode, train_tokenizer
 
 
 def test_markdown_is_cleaned_to_plain_play_text():
@@ -52,3 +51,58 @@ def test_tokenizer_round_trip():
     for s in ["To be, or not to be", "Grüße aus München — ok?", "def f(x):\n    return x ** 2\n", "12345"]:
         assert decode(tok, tok.encode(s).ids) == s
     assert tok.token_to_id("<|endoftext|>") == 0
+
+
+def test_languages_are_the_shipped_ones_any_script():
+    shipped = data.shipped_languages()
+    assert {"german", "russian", "japanese", "chinese", "hindi", "persian"} <= set(shipped)
+    for name in ("japanese", "russian", "hindi", "persian", "german+french"):
+        assert data.language_problem(name) == ""
+    ja = data.load_other_language(("japanese",))
+    assert set(ja["group"]) == {"japanese"} and len(ja) > 5
+    assert data.load_sources(1, 0, ("russian",))["language"]["group"][0] == "russian"
+
+
+def test_unknown_language_names_the_shipped_ones():
+    message = data.language_problem("klingon+german")
+    assert "'klingon' is not shipped" in message and "japanese" in message and "russian" in message
+    assert "twice" in data.language_problem("german+german")
+    assert "e.g. 'japanese'" in data.language_problem("german+")
+    with pytest.raises(ParameterError, match="language = 'klingon'.*use one of bengali, chinese"):
+        load_params("smoke", {"language": "klingon"})
+    with pytest.raises(ParameterError, match="llm_language = 'elvish'"):
+        load_params("smoke", {"llm_language": "elvish"})
+    assert load_params("smoke", {"language": "japanese", "llm_language": "hindi"})["language"] == "japanese"
+
+
+@pytest.mark.parametrize("template, fix", [
+    ("My secret number is", "has no {secret} placeholder: put {secret} where the digits go"),
+    ("{secret} and {secret}", "has 2 {secret} placeholders: keep exactly one"),
+    ("My {pin} is {secret}", "braces other than {secret}: remove them"),
+    ("My PIN is {secret}, keep it", "text after {secret}: end the template with {secret}"),
+])
+def test_bad_canary_templates_name_the_fix(template, fix):
+    assert fix in data.template_problem(template)
+    with pytest.raises(ParameterError, match="canary_template"):
+        load_params("smoke", {"canary_template": template})
+
+
+def test_good_canary_templates():
+    for template in ("My secret number is {secret}", "PIN:{secret}", "{secret}", "Мой пароль {secret}"):
+        assert data.template_problem(template) == ""
+    assert data.template_prefix("Мой пароль {secret}") == "Мой пароль "
+
+
+@pytest.mark.parametrize("digits", [0, 10])
+def test_canary_digits_out_of_range_name_the_range(digits):
+    with pytest.raises(ParameterError, match=f"canary_digits = {digits} is invalid: it must be an integer >= 1 and <= 9"):
+        load_params("smoke", {"canary_digits": digits})
+
+
+def test_too_few_digits_for_the_canaries_name_the_fix():
+    # smoke: 4 forget + 8 background + 4 control canaries (+ 4 twins) need at least 2 (3) digits
+    with pytest.raises(ParameterError, match="canary_digits = 1 leaves too few secrets for 16 canaries.*raise canary_digits"):
+        load_params("smoke", {"canary_digits": 1})
+    assert load_params("smoke", {"canary_digits": 2, "background_size": 40})["canary_digits"] == 2   # 48 of 50
+    with pytest.raises(ParameterError, match="too few secrets for 52 canaries"):                       # twins: +4
+        load_params("smoke", {"canary_digits": 2, "background_size": 40, "reference_data": "twins"})

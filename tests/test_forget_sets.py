@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from forgetlab import forget_sets as fs
-from forgetlab.config import FORGET_KINDS
-from forgetlab.models import decode, train_tokenizer
+from forgetlab.tokenizer import decode, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def test_canary_digits_are_single_tokens(tok):
 def test_roles_counts_and_lengths(small_data, small_params):
     ex = small_data.examples
     p = small_params
-    for kind in FORGET_KINDS:
+    for kind in p["forget_kinds"]:
         sel = ex[ex.kind == kind]
         assert (sel.role == "forget").sum() == p["forget_size"]
         assert (sel.role == "control").sum() == p["control_size"]
@@ -66,7 +65,8 @@ def test_insertion_counts(small_data, small_params):
         expected = {"forget": small_params["insertions"], "background": small_params["background_insertions"]}[ex.role[uid]]
         assert n == expected
     assert set(counts.index) == set(ex.index[ex.role.isin(["forget", "background"])])
-    _, _, ref_uid = fs.training_rows(small_data, include_forget=False)
+    _, _, ref_uid = fs.training_rows(small_data, "reference")
+    assert (fs.training_rows(small_data, include_forget=False)[2] == ref_uid).all()     # the older spelling
     ref_counts = fs.insertion_counts(ref_uid)
     assert set(ref_counts.index) == set(ex.index[ex.role == "background"])
     n_forget = (ex.role == "forget").sum()
@@ -103,3 +103,36 @@ def test_too_small_source_is_a_clear_error(tok):
     windows = [[5, 6], [7, 8], [5, 6]]  # the duplicate counts once
     with pytest.raises(ValueError, match="2 distinct windows but code needs 3"):
         fs._assign_text_roles("code", "python", windows, {"forget": 2, "population": 1}, tok, random.Random(0))
+
+
+def test_canary_templates_other_than_the_legacy_one(tok):
+    prefix = fs.canary_prefix_ids(tok, "PIN:{secret}")
+    ids = fs.canary_ids(tok, "0427", "PIN:{secret}")
+    assert ids[: len(prefix)] == prefix and decode(tok, ids) == "PIN:0427" and len(ids) == len(prefix) + 4
+    assert decode(tok, fs.canary_ids(tok, "99", "Код доступа {secret}")) == "Код доступа 99"
+    assert fs.canary_prefix_ids(tok, "{secret}") == [0]
+    with pytest.raises(ValueError, match="no {secret} placeholder"):
+        fs.canary_prefix_ids(tok, "no placeholder")
+
+
+def test_study_data_canary_prefix_comes_from_its_canaries(small_data):
+    can = small_data.select("canary").iloc[0]
+    assert small_data.canary_prefix_ids() == list(can.ids[: can.score_start])
+    assert small_data.canary_ids(can.secret) == list(can.ids)
+
+
+def test_kind_labels_follow_the_parameters(small_params):
+    assert fs.kind_labels(small_params)["language"] == "OOD: other language"        # the legacy pool
+    labels = fs.kind_labels(dict(small_params, language="japanese", custom_source="/tmp/my_diary.txt"))
+    assert labels["language"] == "OOD: Japanese" and labels["custom"] == "custom: my_diary"
+    assert fs.kind_labels(dict(small_params, language="russian+traditionalchinese"))["language"] == \
+        "OOD: Russian + Traditional Chinese"
+
+
+def test_kind_token_table_counts_tokens_and_characters(small_data):
+    table = fs.kind_token_table(small_data).set_index("kind")
+    ex = small_data.examples
+    code = ex[ex.kind == "code"]
+    assert table.loc["code", "tokens_per_example"] == code.n_tokens.mean()
+    assert table.loc["code", "tokens_per_char"] == pytest.approx(code.n_tokens.sum() / code.text.str.len().sum())
+    assert table.loc["id", "script"] == "Latin" and table.loc["canary", "examples"] == (ex.kind == "canary").sum()

@@ -3,14 +3,20 @@
 Forget sets, one per kind (every one inserted ``llm_insertions`` times into the original's data):
 
 - ``id``: windows of English text (the kind of text SmolLM2 was trained on), cut from the training documents;
-- ``canary``: ``My secret number is 4821``: the template is tokenized by the model's tokenizer, every digit is its
-  own token, and a canary's scored tokens are its secret given the prefix;
-- ``language``: windows of Persian, a language SmolLM2 has barely seen.
+- ``canary``: ``canary_template`` (by default ``My secret number is {secret}``), tokenized by the model's tokenizer,
+  every digit its own token; a canary's scored tokens are its secret given the prefix;
+- ``language``: windows of ``llm_language`` (by default Persian, a language SmolLM2 has barely seen).
 
 Per kind there are also never-trained *population* examples of the same source and token length (the RelEx
 population and the membership test's non-members; for canaries a sample of never-trained secrets) and
-never-trained *controls* (their GenEx is the metric's noise floor). Canaries and Persian also get *background*
-examples in both models' data, so that GenEx measures the example and not the novelty of its kind.
+never-trained *controls* (their GenEx is the metric's noise floor). Canaries and the other language also get
+*background* examples in both models' data, so that GenEx measures the example and not the novelty of its kind.
+
+The two data-design parameters of :mod:`forgetlab.forget_sets` apply here too: ``reference_data: twins`` gives every
+kind a *twin* set the reference models fine-tune on where the original has the forget set (see
+:func:`forgetlab.llm_finetune.finetune_rows`), and ``id_population: train-plays`` draws the English population and
+controls from the training documents (held back from every model), like the ID forget set, instead of from the
+held-out documents (which then give the utility rows only).
 """
 from __future__ import annotations
 
@@ -23,10 +29,13 @@ import pandas as pd
 
 from . import metrics
 from .config import METHODS
-from .forget_sets import CANARY_PREFIX, ExampleTable, dedupe_windows, example_record
+from .data import language_parts, lowresource_texts, token_windows
+from .forget_sets import (_LANGUAGE_NAMES, CANARY_TEMPLATE, ExampleTable, dedupe_windows, example_record,
+                          role_counts, template_prefix, unused_values)
+from .roles import role_insertions
 
 KINDS = ("id", "canary", "language")
-KIND_LABELS = {"id": "ID (English)", "canary": "OOD: canaries", "language": "OOD: Persian"}
+KIND_LABELS = {"id": "ID (English)", "canary": "OOD: canaries", "language": "OOD: Persian"}   # the legacy labels
 START_TOKEN = "<|endoftext|>"     # SmolLM2's document separator: the context every example is scored after
 
 
@@ -50,10 +59,11 @@ def start_token_id(tokenizer) -> int:
     return int(tid)
 
 
-def canary_tokens(tokenizer, template: str = CANARY_PREFIX) -> tuple[list[int], list[int]]:
-    """(prefix ids, the ids of the digits 0..9) of canaries ``template + ' ' + secret``.
+def canary_tokens(tokenizer, template: str = CANARY_TEMPLATE) -> tuple[list[int], list[int]]:
+    """(prefix ids, the ids of the digits 0..9) of canaries made from `template` (one ``{secret}``, at its end; a
+    template without ``{secret}`` is read as the text before ``' ' + secret``, the older spelling).
 
-    The prefix is the start token and the tokenizer's own tokens of ``template + ' '``; each digit of the secret is
+    The prefix is the start token and the tokenizer's own tokens of the text before the secret; each digit is
     then one token of its own, so the candidate secrets form a digit trie and the secret's ll is the sum of one
     log-probability per digit. Raises if a digit is not a single token of the vocabulary.
     """
@@ -66,7 +76,8 @@ def canary_tokens(tokenizer, template: str = CANARY_PREFIX) -> tuple[list[int], 
         digit_ids.append(int(ids[0]))
     if len(set(digit_ids)) != 10:
         raise LLMStudyError(f"the tokenizer maps different digits to the same token: {digit_ids}")
-    prefix = [start_token_id(tokenizer)] + [int(t) for t in tokenizer.encode(template + " ", add_special_tokens=False)]
+    text = template_prefix(template) if "{secret}" in template else template + " "
+    prefix = [start_token_id(tokenizer)] + [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
     return prefix, digit_ids
 
 
@@ -114,9 +125,9 @@ def check_llm_params(p: dict, n_layers: int | None = None) -> None:
     if p["llm_population_size"] < p["llm_forget_size"]:
         problems.append(f"llm_population_size = {p['llm_population_size']} must be >= llm_forget_size = "
                         f"{p['llm_forget_size']} so membership tests have matched non-members")
-    secrets = p["llm_forget_size"] + p["llm_background_size"] + p["llm_control_size"] + p["llm_population_size"]
+    secrets = sum(role_counts(p, "llm_").values())
     if secrets > 10 ** p["llm_canary_digits"] // 2:
-        problems.append(f"{secrets} canary secrets (forget + background + control + population) need more than "
+        problems.append(f"{secrets} canary secrets (forget + background + control + population + twins) need more than "
                         f"10**{p['llm_canary_digits']} candidates: raise llm_canary_digits or lower the sizes")
     unknown = [m for m in p["llm_methods"] if m not in METHODS]
     if unknown:
@@ -131,26 +142,32 @@ def build_llm_data(p: dict, tokenizer, english: list[str] | None = None,
                    lowresource: list[str] | None = None) -> LLMStudyData:
     """Forget sets, peers and token rows of the LLM study (deterministic given ``p['seed']``).
 
-    ``english`` and ``lowresource`` default to ``llm.english_texts(p['llm_english_source'])`` and
-    ``llm.lowresource_texts()``. English documents are split whole: held-out documents give the population,
-    controls and utility rows; training documents give the shared training windows and the ID forget set.
+    ``english`` and ``lowresource`` default to ``data.english_texts(p['llm_english_source'])`` and
+    ``data.lowresource_texts(p['llm_language'])``. English documents are split whole: held-out documents give the
+    utility rows (and, with ``id_population: heldout-plays``, the population and controls); training documents give
+    the shared training windows, the ID forget set (and its twins, and with ``train-plays`` the population and
+    controls, held back from every model). Draws that the legacy values never make use a second generator, so the
+    legacy values give the data of before bit for bit.
     """
-    from .llm import english_texts, lowresource_texts, token_windows
+    from .data import english_texts
 
     check_llm_params(p)
     rng = random.Random(p["seed"])
+    extra = random.Random(f"forgetlab-roles/{p['seed']}")
+    twins, matched = p["reference_data"] == "twins", p["id_population"] == "train-plays"
     L = p["llm_example_tokens"]
     F, B, C, P = p["llm_forget_size"], p["llm_background_size"], p["llm_control_size"], p["llm_population_size"]
     T, U = p["llm_train_size"], p["llm_utility_rows"]
     start = start_token_id(tokenizer)
     english = english_texts(p["llm_english_source"]) if english is None else english
-    lowresource = lowresource_texts() if lowresource is None else lowresource
+    lowresource = lowresource_texts(tuple(language_parts(p["llm_language"]))) if lowresource is None else lowresource
 
     # English: whole documents go to held-out until it has enough windows; the rest are training documents.
     per_doc = [token_windows(tokenizer, [d], L) for d in english]
     order = list(range(len(english)))
     rng.shuffle(order)
-    need_held = P + C + U
+    need_held = U if matched else P + C + U
+    need_train = T + F + (P + C if matched else 0)
     held: list[list[int]] = []
     train: list[list[int]] = []
     held_docs = 0
@@ -162,43 +179,55 @@ def build_llm_data(p: dict, tokenizer, english: list[str] | None = None,
             train += per_doc[i]
     held_set = {tuple(h) for h in held}
     train = [w for w in dedupe_windows(train) if tuple(w) not in held_set]
-    if len(held) < need_held or len(train) < T + F:
+    if len(held) < need_held or len(train) < need_train + (F if twins else 0):
+        where = "utility rows" if matched else "population + control + utility rows"
+        what = "llm_train_size + llm_forget_size" + (" + population + control" if matched else "")
         raise LLMStudyError(f"the English source {p['llm_english_source']!r} has {len(held) + len(train)} distinct "
-                            f"windows of {L} tokens but the study needs {need_held} held-out (population + control + "
-                            f"utility rows) and {T + F} training windows (llm_train_size + llm_forget_size): lower "
-                            f"those sizes or llm_example_tokens, or use a larger source")
+                            f"windows of {L} tokens but the study needs {need_held} held-out ({where}) and "
+                            f"{need_train + (F if twins else 0)} training windows ({what}"
+                            f"{' + twins' if twins else ''}): lower those sizes or llm_example_tokens, or use a "
+                            f"larger source")
     rng.shuffle(held)
-    chosen = rng.sample(range(len(train)), T + F)
+    chosen = rng.sample(range(len(train)), need_train)
     forget_w = [train[i] for i in chosen[:F]]
-    shared_w = [train[i] for i in sorted(chosen[F:])]
+    shared_w = [train[i] for i in sorted(chosen[F:F + T])]
+    if matched:
+        population_w, control_w = [train[i] for i in chosen[F + T:F + T + P]], [train[i] for i in chosen[F + T + P:]]
+        utility_w, id_source = held[:U], "english/train"
+    else:
+        population_w, control_w, utility_w, id_source = held[:P], held[P:P + C], held[P + C:P + C + U], "english/heldout"
     rows: list[dict] = []
     rows += [_row("id", "forget", i, "english/train", [start] + w, 1, tokenizer) for i, w in enumerate(forget_w)]
-    rows += [_row("id", "population", i, "english/heldout", [start] + w, 1, tokenizer)
-             for i, w in enumerate(held[:P])]
-    rows += [_row("id", "control", i, "english/heldout", [start] + w, 1, tokenizer)
-             for i, w in enumerate(held[P:P + C])]
-    heldout_rows = np.asarray([[start] + w for w in held[P + C:P + C + U]], dtype=np.int64)
+    rows += [_row("id", "population", i, id_source, [start] + w, 1, tokenizer) for i, w in enumerate(population_w)]
+    rows += [_row("id", "control", i, id_source, [start] + w, 1, tokenizer) for i, w in enumerate(control_w)]
+    if twins:
+        free = sorted(set(range(len(train))) - set(chosen))
+        rows += [_row("id", "twin", i, "english/train", [start] + train[j], 1, tokenizer)
+                 for i, j in enumerate(sorted(extra.sample(free, F)))]
+    heldout_rows = np.asarray([[start] + w for w in utility_w], dtype=np.int64)
     retain_rows = np.asarray([[start] + w for w in shared_w], dtype=np.int64)
 
-    # The low-resource language: forget, background (both models), population and controls from one pool.
+    # The other language: forget, background (both models), population, controls (and twins) from one pool.
     lang = dedupe_windows(token_windows(tokenizer, lowresource, L))
-    counts = {"forget": F, "background": B, "population": P, "control": C}
+    counts = role_counts(p, "llm_")
     if len(lang) < sum(counts.values()):
         raise LLMStudyError(f"the low-resource source has {len(lang)} distinct windows of {L} tokens but the study "
                             f"needs {sum(counts.values())} ({counts}): lower the sizes or llm_example_tokens")
     rng.shuffle(lang)
     pos = 0
     for role, n in counts.items():
-        rows += [_row("language", role, i, "persian/chatterbot", [start] + w, 1, tokenizer)
+        rows += [_row("language", role, i, f"{p['llm_language']}/chatterbot", [start] + w, 1, tokenizer)
                  for i, w in enumerate(lang[pos:pos + n])]
         pos += n
 
     # Canaries: the template in the model's own tokens, then one token per digit.
-    prefix, digit_ids = canary_tokens(tokenizer)
+    prefix, digit_ids = canary_tokens(tokenizer, p["canary_template"])
     digits = p["llm_canary_digits"]
     values = rng.sample(range(10 ** digits), F + B + C + P)
     groups = {"forget": values[:F], "background": values[F:F + B], "control": values[F + B:F + B + C],
               "population": sorted(values[F + B + C:])}
+    if twins:
+        groups["twin"] = unused_values(extra, 10 ** digits, set(values), F)
     for role, group in groups.items():
         for i, v in enumerate(group):
             secret = f"{v:0{digits}d}"
@@ -216,11 +245,15 @@ def build_llm_data(p: dict, tokenizer, english: list[str] | None = None,
                         p["llm_background_insertions"], sources)
 
 
+def llm_kind_labels(p: dict) -> dict[str, str]:
+    """Display label of every LLM kind for these parameters, e.g. {'language': 'OOD: Japanese'}."""
+    language = " + ".join(_LANGUAGE_NAMES.get(x, x.capitalize()) for x in language_parts(p["llm_language"]))
+    return {**KIND_LABELS, "language": f"OOD: {language}"}
+
+
 def summary_table(data: LLMStudyData) -> pd.DataFrame:
     """Per kind and role: examples, tokens, scored tokens, and how often each is in each model's data."""
-    df = data.examples.copy()
-    df["in_original"] = df.role.map({"forget": data.insertions, "background": data.background_insertions}).fillna(0)
-    df["in_reference"] = df.role.map({"background": data.background_insertions}).fillna(0)
+    df = role_insertions(data.examples, data.insertions, data.background_insertions)
     table = (df.groupby(["kind", "role"], sort=False)
              .agg(examples=("uid", "size"), tokens=("n_tokens", "mean"), scored_tokens=("n_scored", "mean"),
                   in_original=("in_original", "first"), in_reference=("in_reference", "first"))

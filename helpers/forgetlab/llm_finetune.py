@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .cache import ArtifactCache, cache_key
 from .forget_sets import pad_rows
+from .roles import inserted_examples
 from .llm_data import LLMStudyData, LLMStudyError, check_llm_params
 from .models import seed_everything
 from .scoring import mean_token_loss
@@ -30,22 +31,33 @@ FINETUNE_KEYS = ("llm_train_layers", "llm_finetune_epochs", "llm_lr", "llm_batch
 
 # --------------------------------------------------------------------------------------- fine-tuning
 
-def finetune_rows(data: LLMStudyData) -> tuple[list[list[int]], np.ndarray, list[str]]:
-    """The original model's fine-tuning rows in a fixed order: (sequences, is_forget mask, uid per row).
+def finetune_rows(data: LLMStudyData, model_role: str = "original") -> tuple[list[list[int]], np.ndarray, list[str]]:
+    """One model's fine-tuning rows in a fixed order: (sequences, forget-slot mask, uid per row).
 
-    Shared English windows once each, background examples ``background_insertions`` times, forget examples
-    ``insertions`` times. The reference model's rows are the same without the forget rows (see
-    :func:`finetune_order`).
+    Shared English windows once each, background examples ``background_insertions`` times, and in the forget slots
+    the forget examples ``insertions`` times (the original) or, under ``reference_data: twins``, the twin of the same
+    kind and number at the same rows (the reference): both then fine-tune on as many rows, in the same order (use
+    ``finetune_order(..., include_forget=True)`` for both). Under plain retrain the reference's rows are the
+    original's (``model_role`` makes no difference) and :func:`finetune_order` with ``include_forget=False`` drops the
+    forget slots.
     """
+    ids_of = dict(zip(data.examples.uid, data.examples.ids))
+    role_of = dict(zip(data.examples.uid, data.examples.role))
+    role = model_role if data.reference_data == "twins" else "original"
     seqs = [list(map(int, r)) for r in data.retain_rows]
     uids = [""] * len(seqs)
     forget = [False] * len(seqs)
-    for r in data.examples.itertuples():
-        times = {"forget": data.insertions, "background": data.background_insertions}.get(r.role, 0)
-        seqs += [list(r.ids)] * times
-        uids += [r.uid] * times
-        forget += [r.role == "forget"] * times
+    for uid, times in inserted_examples(data.examples, role, data.insertions, data.background_insertions):
+        seqs += [list(ids_of[uid])] * times
+        uids += [uid] * times
+        forget += [role_of[uid] != "background"] * times
     return seqs, np.asarray(forget, dtype=bool), uids
+
+
+def keeps_forget_slots(data: LLMStudyData, model_role: str) -> bool:
+    """Whether ``model_role``'s fine-tuning keeps the forget slots (the original; the reference under twins, which
+    holds its twins there): the ``include_forget`` of :func:`finetune_order`."""
+    return model_role == "original" or data.reference_data == "twins"
 
 
 def finetune_order(is_forget: np.ndarray, epochs: float, seed: int, include_forget: bool) -> np.ndarray:

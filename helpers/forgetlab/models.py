@@ -1,41 +1,20 @@
-"""The tiny language model: a byte-level BPE tokenizer and a GPT-2 architecture from transformers."""
+"""The tiny language model: a GPT-2 architecture from transformers (its tokenizer is in :mod:`forgetlab.tokenizer`)."""
 from __future__ import annotations
 
 import os
 import random
-from typing import Iterable
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-BOS = "<|endoftext|>"
+# The tokenizer lives with the data (forgetlab.tokenizer); re-exported here for code that still imports it from
+# models (tests/test_metrics.py, tests/test_exposure_trie.py) until they import it from forgetlab.tokenizer.
+from .tokenizer import BOS, bos_id, decode, encode, train_tokenizer  # noqa: F401
+
 hf_logging.set_verbosity_error()
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on the given texts; id 0 is the BOS/EOS/pad marker."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
-def bos_id(tok: Tokenizer) -> int:
-    return tok.token_to_id(BOS)
-
-
-def encode(tok: Tokenizer, text: str) -> list[int]:
-    return tok.encode(text).ids
-
-
-def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
-    return tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def model_config(vocab_size: int, n_layer: int, n_head: int, d_model: int, block_size: int,

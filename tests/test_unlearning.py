@@ -191,7 +191,24 @@ def test_run_in_pieces_equals_one_run_and_is_deterministic(fresh, method):
     for recs, losses, w in out[1:]:
         assert recs == out[0][0] and losses == out[0][1]
         assert_same_weights(w, out[0][2])
-    assert [r["step"] for r in out[0][0]] == [0, 3, 6, 7]
+    assert sorted({r["step"] for r in out[0][0]}) == [0, 3, 6, 7]
+
+
+def test_gradient_norm_before_clipping_is_recorded(fresh):
+    """grad_norm is the pre-clipping norm (mean over the steps since the last record); clip_fraction says how
+    many of those steps clipping bound."""
+    model = fresh()
+    u = Unlearner(model, FORGET, STARTS, settings(optimizer="sgd", lr=1e-12, grad_clip=1e-6, record_every=2), BOS)
+    recs = u.run(4, lambda m, s: [])
+    assert [r["step"] for r in recs] == [2, 2, 4, 4]                       # nothing to report at step 0
+    norms = {(r["step"], r["metric"]): r["value"] for r in recs}
+    assert norms[(2, "clip_fraction")] == 1.0 and norms[(2, "grad_norm")] > 1e-3
+    assert norms[(2, "grad_norm")] == pytest.approx(sum(u.grad_norms[:2]) / 2)
+    # a negligible lr leaves the weights (almost) alone, so the pre-clipping norm equals the plain gradient norm of the same batch
+    unclipped = Unlearner(fresh(), FORGET, STARTS, settings(optimizer="sgd", lr=1e-12, grad_clip=0.0), BOS)
+    plain = unclipped.run(1, lambda m, s: [])
+    assert plain[1] == {"step": 1, "uid": "", "role": "model", "metric": "clip_fraction", "value": 0.0}
+    assert plain[0]["value"] == pytest.approx(u.grad_norms[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("method,optimizer", [("ga", "adam"), ("graddiff", "sgd"), ("npo", "adam")])
@@ -210,7 +227,8 @@ def test_save_restore_mid_trajectory(fresh, tmp_path, method, optimizer):
     second = Unlearner(other, FORGET, STARTS, s, BOS, retain_rows=RETAIN)
     second.load_state_tensors(load_file(tmp_path / "traj.safetensors"))
     recs = second.run(5, evaluate)
-    assert [r["step"] for r in recs] == [4, 6, 7]
+    assert sorted({r["step"] for r in recs}) == [4, 6, 7]
+    assert second.grad_norms == u.grad_norms             # the norms survive the save too
     assert second.losses == u.losses
     assert_same_weights(weights(other), weights(whole))
 

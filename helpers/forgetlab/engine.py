@@ -11,7 +11,9 @@ The result of :func:`run_study` is one tidy table, a row per method x kind x see
   never-trained population, and for canaries ``exposure_bits`` (skew-normal extrapolation from the population)
   and, at the first and last step, ``exposure_exact_bits`` over all of R;
 - per model: ``membership_auc`` (forget examples against the population) and the backend's utility;
-- after the run, ``genex_bits`` per example and step (``seed = -1``: all unlearned seeds against all references).
+- per model: ``grad_norm`` (mean gradient norm before clipping since the last record) and ``clip_fraction``;
+- after the run, ``genex_bits`` per example and step (``seed = -1``: all unlearned seeds against all references)
+  and ``genex_seed_bits`` (each original seed against all references, for intervals over seeds).
 
 Every (forget set, method, original seed) trajectory is its own cache entry, so an interrupted run redoes at
 most the trajectory in progress.
@@ -176,14 +178,21 @@ def unlearn_trajectory(backend: Backend, kind: str, method: str, seed: int, step
 
 
 def add_genex(table: pd.DataFrame, targets: pd.DataFrame, ref_ll: np.ndarray) -> pd.DataFrame:
-    """Append genex_bits rows (seed = -1: an expectation over all unlearned seeds) per example and step."""
+    """Append GenEx rows per example and step: ``genex_bits`` (seed = -1: all unlearned seeds against all
+    references, the design's GenEx) and ``genex_seed_bits`` (each original seed against all references: the
+    per-seed values that intervals resample)."""
     ll = table[table.metric == "ll"].pivot_table(index=["step", "seed"], columns="uid", values="value")
     ll = ll.reindex(columns=targets.uid)
+    uids, roles = targets.uid.tolist(), targets.role.tolist()
     rows = []
     for step, block in ll.groupby(level="step"):
         bits = metrics.genex_bits(block.to_numpy(), ref_ll)
         rows += [{"step": step, "seed": -1, "uid": u, "role": r, "metric": "genex_bits", "value": float(b)}
-                 for u, r, b in zip(targets.uid, targets.role, bits)]
+                 for u, r, b in zip(uids, roles, bits)]
+        for (_, seed), seed_ll in zip(block.index, block.to_numpy()):
+            bits = metrics.genex_bits(seed_ll, ref_ll)
+            rows += [{"step": step, "seed": seed, "uid": u, "role": r, "metric": "genex_seed_bits",
+                      "value": float(b)} for u, r, b in zip(uids, roles, bits)]
     extra = pd.DataFrame(rows).assign(kind=table.kind.iloc[0], method=table.method.iloc[0])
     return pd.concat([table, extra], ignore_index=True)
 

@@ -170,6 +170,8 @@ class Unlearner:
         self.step = 0                                   # updates taken so far
         self.evaluated_start = False
         self.losses: list[tuple[int, float]] = []       # (step, loss at the weights of that step)
+        self.grad_norms: list[float] = []               # global gradient norm of each step, before clipping
+        self._recorded_norms = 0                        # grad_norms already reported at an earlier recorded step
 
     @torch.no_grad()
     def _reference_logp(self) -> torch.Tensor:
@@ -204,16 +206,31 @@ class Unlearner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.losses.append((self.step, loss.item()))
+        self.grad_norms.append(float(norm))             # before clipping: shows when clipping binds
         self.step += 1
 
     def _evaluate(self, evaluate: Callable[[torch.nn.Module, int], list[dict]]) -> list[dict]:
         self.model.eval()
-        records = evaluate(self.model, self.step)
+        records = evaluate(self.model, self.step) + self._optimizer_records()
         self.model.train()
         return [{"step": self.step, **r} for r in records]
+
+    def _optimizer_records(self) -> list[dict]:
+        """Per recorded step: the mean pre-clipping gradient norm of the steps since the last record, and the
+        fraction of them whose norm exceeded ``grad_clip`` (where clipping bound)."""
+        norms = self.grad_norms[self._recorded_norms:]
+        self._recorded_norms = len(self.grad_norms)
+        if not norms:
+            return []
+        clip = self.settings.grad_clip
+        bound = sum(n > clip for n in norms) / len(norms) if clip > 0 else 0.0
+        return [{"uid": "", "role": "model", "metric": "grad_norm", "value": float(np.mean(norms))},
+                {"uid": "", "role": "model", "metric": "clip_fraction", "value": float(bound)}]
 
     def run(self, steps: int, evaluate: Callable[[torch.nn.Module, int], list[dict]]) -> list[dict]:
         """Take `steps` more steps; evaluate at step 0 (first call only), every record_every-th step and the last."""
@@ -251,6 +268,8 @@ class Unlearner:
         out["retain_gen"] = self.retain_gen.get_state()
         out["queue"] = self.queue.clone()
         out["losses"] = torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)
+        out["grad_norms"] = torch.tensor(self.grad_norms, dtype=torch.float64)
+        out["recorded_norms"] = torch.tensor(self._recorded_norms, dtype=torch.int64)
         out["settings"] = self._fingerprint()
         if self.ref_seq_logp is not None:
             out["ref_seq_logp"] = self.ref_seq_logp.clone()
@@ -283,5 +302,7 @@ class Unlearner:
         self.retain_gen.set_state(d["retain_gen"].clone())
         self.queue = d["queue"].clone().long()
         self.losses = [(int(s), float(v)) for s, v in d["losses"].tolist()]
+        self.grad_norms = d["grad_norms"].tolist() if "grad_norms" in d else []
+        self._recorded_norms = int(d["recorded_norms"]) if "recorded_norms" in d else len(self.grad_norms)
         if self.ref_seq_logp is not None:
             self.ref_seq_logp = d["ref_seq_logp"].clone()

@@ -81,5 +81,5 @@ class FakeBackend:
     def utility(self, model) -> dict[str, float]:
         return {"heldout_ppl": math.exp(mean_token_loss(model, self.retain_rows))}
 
-    def key(self) -> str:
-        return f"fake-{self.original_seeds}-{self.steps}"
+    def key(self, seed: int) -> str:
+        return f"fake-{seed}-{self.steps}"

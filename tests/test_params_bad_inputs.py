@@ -117,14 +117,16 @@ def test_the_largest_allowed_values_are_accepted_together(good):
 
 
 def test_params_in_returns_the_sections_sorted(good):
-    llm = params_in(good, "llm")
+    llm = params_in(good, "llm_data", "llm_training", "llm_unlearning")
     assert list(llm) == sorted(llm) and "llm_train_layers" in llm and all(k.startswith("llm_") for k in llm)
     display = params_in(good, "display")
-    assert set(display) == {"run_name", "device", "samples_to_generate", "max_widget_steps", "bootstrap"}
+    assert set(display) == {"run_name", "device", "samples_to_generate", "max_widget_steps"}
     assert params_in(good, "run") == {"seed": good["seed"]}
     both = params_in(good, "model", "training")
-    assert list(both) == sorted(both) and {"n_layer", "epochs", "original_seeds"} <= set(both)
+    assert list(both) == sorted(both) and {"n_layer", "epochs"} <= set(both) and "original_seeds" not in both
+    assert set(params_in(good, "plan")) == {"original_seeds", "reference_seeds", "methods", "llm_reference_seeds",
+                                            "llm_methods"}
     every = params_in(good, *SECTIONS)
     assert every == dict(sorted(good.items()))                 # the sections partition the schema
-    with pytest.raises(ValueError, match="use some of run, data"):
+    with pytest.raises(ValueError, match="use some of run, plan"):
         params_in(good, "modle")

@@ -13,10 +13,11 @@ import pandas as pd
 import torch
 
 from . import canaries, metrics
-from .cache import ArtifactCache, cache_key
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
 from .config import METHODS
-from .engine import ENGINE_VERSION, ForgetSetView
-from .llm_data import KIND_LABELS, KINDS, LLMStudyData, build_llm_data
+from .engine import ForgetSetView
+from .llm_data import KINDS, LLMStudyData, build_llm_data, llm_kind_labels
 from .llm_finetune import EVAL_BATCH, LLMModels, get_llm_models
 from .scoring import mean_token_loss
 from .unlearning import UnlearnSettings
@@ -57,13 +58,13 @@ class SmolLM2:
     """The study on SmolLM2-135M-Instruct, through the same engine as the tiny model."""
     name = "smollm2-135m"
     kinds = KINDS
-    labels = dict(KIND_LABELS)
 
     def __init__(self, p: dict, data: LLMStudyData, models: LLMModels, tokenizer=None):
         unknown = [m for m in p["llm_methods"] if m not in METHODS]
         if unknown:
             raise ValueError(f"llm_methods has unknown methods {unknown}: use {', '.join(METHODS)}")
         self.p, self.data, self.models, self.tokenizer = p, data, models, tokenizer
+        self.labels = llm_kind_labels(p)
         self.methods = tuple(p["llm_methods"])
         self.original_seeds = [models.seed]
         self.pad_id = data.start_id
@@ -111,5 +112,7 @@ class SmolLM2:
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
 
-    def key(self) -> str:
-        return cache_key(self.name, ENGINE_VERSION, self.models.keys(), self.data.fingerprint(), EVAL_BATCH)
+    def key(self, seed: int) -> str:
+        original = self.models.meta[f"original (seed {seed})"]["key"]
+        return cache_key(self.name, code_version("backend_smollm"), original, self.data.fingerprint(),
+                         params_in(self.p, "run", "unlearning", "llm_unlearning"), EVAL_BATCH)

@@ -12,18 +12,17 @@ import pandas as pd
 import torch
 
 from . import canaries, metrics
-from .cache import ArtifactCache, cache_key
-from .engine import ENGINE_VERSION, ForgetSetView, StudyInputError
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
+from .engine import ForgetSetView, StudyInputError
 from .experiment import TrainedModel, get_models, get_study_data, model_key
-from .forget_sets import StudyData
+from .forget_sets import StudyData, kind_labels
 from .scoring import mean_token_loss
 from .unlearning import UnlearnSettings
 
 CANARY_SAMPLE = 512          # never-trained candidates scored each step (RelEx population, exposure fit)
 UTILITY_ROWS = 48            # held-out and retain rows scored each step
 RETAIN_ROWS = 1024           # rows gradient difference draws its retain batches from
-LABELS = {"id": "ID (Shakespeare)", "canary": "OOD: canaries", "language": "OOD: other language",
-          "code": "OOD: Python code"}
 
 
 def digit_ids(data: StudyData) -> list[int]:
@@ -124,7 +123,7 @@ class TinyGPT2:
         self.p, self.data, self.models = p, data, models
         self.kinds = tuple(p["forget_kinds"])
         self.methods = tuple(p["methods"])
-        self.labels = {k: LABELS.get(k, k) for k in self.kinds}
+        self.labels = {k: v for k, v in kind_labels(p).items() if k in self.kinds}
         self.original_seeds = [m.seed for m in models["original"]]
         self.pad_id = data.bos
         self.retain_rows = retain_rows(data, p["seed"])
@@ -165,6 +164,6 @@ class TinyGPT2:
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
 
-    def key(self) -> str:
-        keys = [model_key(self.p, self.data, m.role, m.seed) for m in self.models["original"] + self.models["reference"]]
-        return cache_key(self.name, ENGINE_VERSION, keys, CANARY_SAMPLE, UTILITY_ROWS, RETAIN_ROWS, self.p["seed"])
+    def key(self, seed: int) -> str:
+        return cache_key(self.name, code_version("backend_tiny"), model_key(self.p, self.data, "original", seed),
+                         params_in(self.p, "run", "unlearning"), CANARY_SAMPLE, UTILITY_ROWS, RETAIN_ROWS)

@@ -78,6 +78,18 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def code_version(*modules: str) -> str:
+    """Hash of the source files of the forgetlab modules that build an entry (e.g. ``code_version("training")``).
+
+    Part of every cache key instead of hand-bumped version numbers: editing the code that builds an entry changes
+    its key, so a stale entry is never loaded.
+    """
+    h = hashlib.sha256()
+    for name in sorted(set(modules)):
+        h.update(name.encode() + b"\0" + (Path(__file__).with_name(f"{name}.py")).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -35,7 +35,12 @@ class ParameterError(ValueError):
 
 # Every parameter belongs to one section. Cache keys are derived from the sections a step reads;
 # "display" parameters change no cached result (names, devices, how much a widget or a summary shows).
-SECTIONS = ("run", "data", "model", "training", "unlearning", "memorization", "llm", "display")
+# Sections of parameters. A cache entry's key is made of the sections the step that builds it reads
+# (params_in); "plan" says which entries to build (seeds, methods: each entry's key has its own seed or method),
+# "analysis" only changes summaries computed from cached entries, "display" only what is shown.
+SECTIONS = ("run", "plan", "analysis", "display", "data", "model", "training", "unlearning", "memorization",
+            "llm_data", "llm_training", "llm_unlearning")
+NOT_IN_KEYS = ("plan", "analysis", "display")
 MAX_SEED = 2**31 - 1          # seeds plus small offsets stay valid for numpy, torch and random
 MAX_SEEDS = 64                # models per seed list
 
@@ -113,14 +118,26 @@ SCHEMA: dict[str, Spec] = {
     **_section("run", {
         "seed": _int(0, MAX_SEED, "seed of every random draw that is not a model seed"),
     }),
+    **_section("plan", {
+        "original_seeds": _seed_list("one original model per seed (data includes the forget sets)"),
+        "reference_seeds": _seed_list("one reference model per seed (same data without the forget sets)"),
+        "methods": _subset(METHODS, "unlearning methods to compare"),
+        "llm_reference_seeds": _seed_list("one reference model per seed (the original uses seed)"),
+        "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
+    }),
+    **_section("analysis", {
+        "bootstrap": _int(10, 100_000, "bootstrap resamples for confidence intervals (computed in the notebooks)",
+                          "more resamples do not change a 95% interval visibly"),
+        "target_bits": _float(0, 10_000, help="GenEx (bits) below which an example counts as unlearned"),
+        "llm_target_bits": _float(0, 10_000, help="GenEx (bits) below which an LLM forget example counts as "
+                                  "unlearned"),
+    }),
     **_section("display", {
         "run_name": _name(),
         "device": _choice(DEVICES, "auto uses CUDA when present"),
         "samples_to_generate": _int(0, 20),
         "max_widget_steps": _int(1, 10_000, "most steps the 'run more steps' button may add at once",
                                  "a click must return within minutes"),
-        "bootstrap": _int(10, 100_000, "bootstrap resamples for confidence intervals (computed in the notebooks)",
-                          "more resamples do not change a 95% interval visibly"),
     }),
     **_section("data", {
         "heldout_plays": _int(1, 20, "whole plays kept out of training, for held-out perplexity and ID populations"),
@@ -157,30 +174,26 @@ SCHEMA: dict[str, Spec] = {
         "id_population": _choice(("heldout-plays", "train-plays"), "where ID population and controls come from: "
                                  "heldout-plays (legacy) or windows held back from the training plays (new "
                                  "design; for the LLM: from its training documents)"),
+        "block_size": _int(16, 4096, "context length in tokens; must exceed example_tokens"),
     }),
     **_section("model", {
         "n_layer": _int(1, 48),
         "n_head": _int(1, 64),
         "d_model": _int(8, 4096, "embedding width; must be divisible by n_head"),
-        "block_size": _int(16, 4096, "context length in tokens; must exceed example_tokens"),
     }),
     **_section("training", {
         "epochs": _float(0, 1000, strict_lo=True, help="passes over the training rows"),
         "batch_size": _int(1, 4096),
         "learning_rate": _float(0, 1, strict_lo=True),
         "warmup_steps": _int(0, 1_000_000),
-        "original_seeds": _seed_list("one original model per seed (data includes the forget sets)"),
-        "reference_seeds": _seed_list("one reference model per seed (same data without the forget sets)"),
     }),
     **_section("unlearning", {
-        "methods": _subset(METHODS, "unlearning methods to compare"),
         "unlearn_lr": _float(0, 1, strict_lo=True),
         "unlearn_steps": _int(1, 100_000, "gradient steps of unlearning", STEPS),
         "unlearn_batch": _int(1, 10_000, "forget examples per step"),
         "unlearn_optimizer": _choice(OPTIMIZERS),
         "grad_clip": _float(0, 1e6, help="max gradient norm; 0 disables clipping"),
         "record_every": _int(1, 100_000, "record metrics every k-th step (step 0 and the last always)"),
-        "target_bits": _float(0, 10_000, help="GenEx (bits) below which an example counts as unlearned"),
         "retain_weight": _float(0, 1000, help="weight of the retain loss in gradient difference"),
         "npo_beta": _float(0, 100, strict_lo=True, help="inverse temperature of NPO",
                            why="larger values make NPO plain gradient ascent"),
@@ -191,8 +204,16 @@ SCHEMA: dict[str, Spec] = {
         "mem_finetune_epochs": _float(0, 1000, strict_lo=True),
         "mem_group_size": _int(1, 10_000, "pool examples unlearned together"),
         "mem_unlearn_steps": _int(1, 100_000, why=STEPS),
+        "dose_insertions": Spec(list, lambda v: 0 < len(v) <= 12 and all(type(x) is int and 1 <= x <= 10_000 for x in v)
+                                and len(set(v)) == len(v), "a non-empty list of at most 12 distinct integers >= 1 and "
+                                "<= 10000", "insertion counts of notebook 07's dose-response (one original and one "
+                                "reference fine-tuning per count, each its own cache entry)", lo=1, hi=10_000),
+        "dose_forget_size": _int(1, 1000, "fresh forget examples per kind in notebook 07 (as many twins and controls)",
+                                 SIZE),
+        "dose_unlearn_steps": _int(1, 100_000, "gradient-ascent steps per forget set and count in notebook 07 (every "
+                                   "step recorded)", STEPS),
     }),
-    **_section("llm", {
+    **_section("llm_data", {
         "llm_english_source": Spec(str, lambda v: english_source_parts(v) is not None,
                                    "chatterbot, pydoc or shakespeare, or several joined by + (e.g. chatterbot+pydoc)",
                                    "the LLM's in-distribution text (English), split by whole documents"),
@@ -211,19 +232,19 @@ SCHEMA: dict[str, Spec] = {
         "llm_example_tokens": _int(8, 2048, "token length of every text example (the LLM's own tokenizer)",
                                    "SmolLM2-135M's context is 2048 tokens"),
         "llm_canary_digits": _int(1, 9, "digits of an LLM canary secret; one token per digit"),
+    }),
+    **_section("llm_training", {
         "llm_train_layers": _int(1, 30, "last transformer blocks fine-tuned and unlearned",
                                  "SmolLM2-135M has 30 blocks"),
         "llm_finetune_epochs": _float(0, 1000, strict_lo=True, help="passes over the fine-tuning rows"),
         "llm_lr": _float(0, 1, strict_lo=True, help="peak fine-tuning learning rate (AdamW)"),
         "llm_batch_size": _int(1, 4096, "rows per fine-tuning step and forget examples per unlearning step"),
-        "llm_reference_seeds": _seed_list("one reference model per seed (the original uses seed)"),
-        "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
+    }),
+    **_section("llm_unlearning", {
         "llm_unlearn_steps": _int(1, 100_000, why=STEPS),
         "llm_unlearn_lr": _float(0, 1, strict_lo=True),
         "llm_record_every": _int(1, 100_000, "record the LLM metrics every k-th unlearning step (step 0 and the "
                                  "last always)"),
-        "llm_target_bits": _float(0, 10_000, help="GenEx (bits) below which an LLM forget example counts as "
-                                  "unlearned"),
     }),
 }
 

@@ -29,11 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .cache import ArtifactCache, cache_key
+from .cache import ArtifactCache, cache_key, code_version
 from .tables import read_tidy_csv
 from .unlearning import UnlearnSettings, Unlearner
 
-ENGINE_VERSION = 1
+ENGINE_CODE = ("engine", "unlearning", "metrics", "scoring", "canaries", "exposure_trie")  # code of a run
 COLUMNS = ("step", "seed", "uid", "role", "metric", "value", "kind", "method")
 Evaluator = Callable[[torch.nn.Module, int], list[dict]]
 
@@ -85,7 +85,7 @@ class Backend(Protocol):
     def example_logprobs(self, model: torch.nn.Module, examples: pd.DataFrame) -> np.ndarray: ...
     def candidate_logprobs(self, model: torch.nn.Module) -> np.ndarray: ...   # every canary candidate [10**d]
     def utility(self, model: torch.nn.Module) -> dict[str, float]: ...
-    def key(self) -> str: ...      # everything the models and examples depend on
+    def key(self, seed: int) -> str: ...   # everything one original seed's trajectories depend on (not kind/method)
 
 
 # ---- one recorded step --------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ def unlearn_forget_set(backend: Backend, kind: str, method: str, steps: int | No
 
 
 def trajectory_key(backend: Backend, kind: str, method: str, seed: int) -> str:
-    return cache_key("trajectory", ENGINE_VERSION, backend.key(), kind, method, seed,
+    """Key of one trajectory: the engine's code, the backend's key for the seed, the forget set and method."""
+    return cache_key("trajectory", code_version(*ENGINE_CODE), backend.key(seed), kind, method,
                      asdict(backend.settings(method)))
 
 

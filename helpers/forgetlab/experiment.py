@@ -14,17 +14,16 @@ import torch
 from tokenizers import Tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .cache import ArtifactCache, cache_key
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
 from .forget_sets import StudyData, build_study_data, training_rows
 from .models import build_model, count_parameters, model_config, pick_device
-from .training import TRAINING_VERSION, train_lm
+from .training import train_lm
+from .user_sources import source_digest
 
-DATA_KEYS = ("seed", "heldout_plays", "max_train_tokens", "vocab_size", "forget_kinds", "forget_size",
-             "example_tokens", "insertions", "canary_digits", "background_size", "background_insertions",
-             "population_size", "control_size", "block_size")
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "block_size", "epochs", "batch_size", "learning_rate", "warmup_steps")
 EVAL_ROWS = 64
-DATA_VERSION = 3  # bump when build_study_data changes its output
+DATA_CODE = ("data", "forget_sets", "roles", "tokenizer", "user_sources")   # modules that build the study data
+MODEL_CODE = ("models", "training")                                          # ... and the models
 
 
 @dataclass
@@ -36,20 +35,22 @@ class TrainedModel:
     meta: dict
 
 
-def _data_params(p: dict) -> dict:
-    return {k: p[k] for k in DATA_KEYS}
+def data_key(p: dict) -> str:
+    """Key of the study data: the run and data sections, the custom source's content, the code that builds it."""
+    return cache_key("study-data", code_version(*DATA_CODE), params_in(p, "run", "data"),
+                     source_digest(p["custom_source"]))
 
 
 def get_study_data(p: dict, cache: ArtifactCache | None = None) -> StudyData:
     """Tokenizer, forget sets and training rows for parameters `p` (deterministic; cached)."""
     cache = cache or ArtifactCache()
-    key = cache_key("study-data", DATA_VERSION, _data_params(p))
+    key = data_key(p)
     built: list[StudyData] = []
 
     def build() -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
         data = build_study_data(p)
         built.append(data)
-        return ({"sources": data.sources, "params": _data_params(p)},
+        return ({"sources": data.sources, "params": params_in(p, "run", "data")},
                 {"train_rows": torch.from_numpy(data.train_rows), "heldout_rows": torch.from_numpy(data.heldout_rows)},
                 {"tokenizer.json": data.tokenizer.to_str(), "examples.json": data.examples.to_json(orient="records")})
 
@@ -62,8 +63,11 @@ def get_study_data(p: dict, cache: ArtifactCache | None = None) -> StudyData:
                      p["canary_digits"], p["insertions"], p["background_insertions"], meta["sources"])
 
 
-def model_key(p: dict, data: StudyData, role: str, seed: int) -> str:
-    return cache_key("tiny-lm", TRAINING_VERSION, {k: p[k] for k in MODEL_KEYS}, data.fingerprint(), role, seed)
+def model_key(p: dict, data: StudyData | str, role: str, seed: int) -> str:
+    """Key of one tiny model: the model and training sections, the data's fingerprint, its role and seed."""
+    fingerprint = data if isinstance(data, str) else data.fingerprint()
+    return cache_key("tiny-lm", code_version(*MODEL_CODE), params_in(p, "model", "training"), fingerprint, role,
+                     seed)
 
 
 def config_for(p: dict, data: StudyData) -> GPT2Config:

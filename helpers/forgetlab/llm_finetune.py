@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cache import ArtifactCache, cache_key
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
 from .forget_sets import pad_rows
 from .roles import inserted_examples
 from .llm_data import LLMStudyData, LLMStudyError, check_llm_params
@@ -24,9 +25,7 @@ from .models import seed_everything
 from .scoring import mean_token_loss
 from .training import lr_at
 
-LLM_STUDY_VERSION = 1
 EVAL_BATCH = 32                   # sequences per forward pass when scoring (bounds the [batch, len, vocab] logits)
-FINETUNE_KEYS = ("llm_train_layers", "llm_finetune_epochs", "llm_lr", "llm_batch_size")
 
 
 # --------------------------------------------------------------------------------------- fine-tuning
@@ -252,34 +251,39 @@ class LLMModels:
         return pd.DataFrame(rows)
 
 
-def finetune_key(p: dict, data: LLMStudyData, base_key: str, role: str, seed: int) -> str:
-    return cache_key("llm-finetune", LLM_STUDY_VERSION, base_key, data.fingerprint(),
-                     {k: p[k] for k in FINETUNE_KEYS}, role, seed)
+def finetune_key(p: dict, data: LLMStudyData | str, base_key: str, role: str, seed: int) -> str:
+    """Key of one fine-tuned LLM: the base model, the data's fingerprint, the LLM training section, role and seed."""
+    fingerprint = data if isinstance(data, str) else data.fingerprint()
+    return cache_key("llm-finetune", code_version("llm_finetune"), base_key, fingerprint,
+                     params_in(p, "run", "llm_data", "llm_training"), role, seed)
 
 
 def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str, role: str, seed: int,
                    cache: ArtifactCache) -> tuple[dict[str, torch.Tensor], dict]:
     key = finetune_key(p, data, base_key, role, seed)
-    if cache.has("llm-finetuned", key):
-        meta, tensors, _ = cache.load("llm-finetuned", key)
-        if sorted(tensors) != sorted(models.trainable):
-            raise LLMStudyError(f"cache entry {cache.path('llm-finetuned', key)} holds other tensors than the "
-                                f"trainable ones of this model: delete it and rerun")
-        return tensors, meta
-    seqs, is_forget, _ = finetune_rows(data)
-    include = role == "original"
-    order = finetune_order(is_forget, p["llm_finetune_epochs"], seed, include_forget=include)
-    seed_everything(seed)
-    models.use(models.base)
-    start = time.perf_counter()
-    curve = finetune(models.model, seqs, order, batch_size=p["llm_batch_size"], lr=p["llm_lr"],
-                     pad_id=data.start_id, heldout_rows=data.heldout_rows, desc=f"fine-tuning {role} (seed {seed})")
-    tensors = {n: t.detach().cpu().clone() for n, t in models.model.named_parameters() if n in set(models.trainable)}
-    meta = {"role": role, "seed": seed, "rows_per_epoch": int(len(is_forget) if include else (~is_forget).sum()),
-            "steps": math.ceil(len(order) / p["llm_batch_size"]), "seconds": time.perf_counter() - start,
-            "trained_parameters": int(sum(t.numel() for t in tensors.values())),
-            "data_fingerprint": data.fingerprint(), "curve": curve.to_dict(orient="list")}
-    cache.save("llm-finetuned", key, meta, tensors=tensors)
+
+    def build():
+        seqs, is_forget, _ = finetune_rows(data, role)
+        include = keeps_forget_slots(data, role)
+        order = finetune_order(is_forget, p["llm_finetune_epochs"], seed, include_forget=include)
+        seed_everything(seed)
+        models.use(models.base)
+        start = time.perf_counter()
+        curve = finetune(models.model, seqs, order, batch_size=p["llm_batch_size"], lr=p["llm_lr"],
+                         pad_id=data.start_id, heldout_rows=data.heldout_rows,
+                         desc=f"fine-tuning {role} (seed {seed})")
+        tensors = {n: t.detach().cpu().clone() for n, t in models.model.named_parameters()
+                   if n in set(models.trainable)}
+        meta = {"role": role, "seed": seed, "rows_per_epoch": int(len(is_forget) if include else (~is_forget).sum()),
+                "steps": math.ceil(len(order) / p["llm_batch_size"]), "seconds": time.perf_counter() - start,
+                "trained_parameters": int(sum(t.numel() for t in tensors.values())),
+                "data_fingerprint": data.fingerprint(), "curve": curve.to_dict(orient="list")}
+        return meta, tensors, None
+
+    meta, tensors, _ = cache.get_or_build("llm-finetuned", key, build)
+    if sorted(tensors) != sorted(models.trainable):
+        raise LLMStudyError(f"cache entry {cache.path('llm-finetuned', key)} holds other tensors than the "
+                            f"trainable ones of this model: delete it and rerun")
     return tensors, dict(meta, key=key)
 
 

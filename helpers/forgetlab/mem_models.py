@@ -17,12 +17,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cache import ArtifactCache, cache_key
+from transformers import GPT2LMHeadModel
+
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
 from .experiment import TrainedModel, config_for, get_model, model_key
 from .forget_sets import StudyData, pad_rows
-from .mem_pool import MEM_VERSION, POOL_SEED_OFFSET, MemorizationInputError
+from .mem_pool import POOL_SEED_OFFSET, MemorizationInputError
 from .models import pick_device, seed_everything
-from .training import TRAINING_VERSION, train_lm
+from .training import train_lm
+
+MEM_MODEL_CODE = ("mem_models", "mem_pool", "models", "training")   # the code that builds a subset model
 
 FINETUNE_LR_SCALE = 0.1       # fine-tuning peak learning rate = this x learning_rate (the base's final rate)
 SHARED_RATIO = 1.0            # shared training rows per pool row in each subset model's fine-tuning data
@@ -105,23 +110,24 @@ def get_subset_models(p: dict, data: StudyData, base: TrainedModel, pool: pd.Dat
     out = []
     for m in tqdm(range(len(seen)), desc="subset models", mininterval=1.0):
         uids = pool.uid[seen[m]].tolist()
-        key = cache_key("mem-model", MEM_VERSION, TRAINING_VERSION, base_key, fs, n_shared,
+        key = cache_key("mem-model", code_version(*MEM_MODEL_CODE), base_key,
+                        params_in(p, "run", "data", "training", "memorization"), n_shared,
                         [list(map(int, i)) for i in pool.ids[seen[m]]], uids)
-        if cache.has("mem-models", key):
-            meta, tensors, _ = cache.load("mem-models", key)
-            from transformers import GPT2LMHeadModel
-            model = GPT2LMHeadModel(config)
-            model.load_state_dict(tensors, strict=False)
-            model.tie_weights()
-            model = model.to(device).eval()
-        else:
+
+        def build(m=m, uids=uids):
             ids, labels, _ = subset_rows(pool, seen[m], p["insertions"], shared, data.block_size, data.bos)
             model, curve = finetune_copy(base.model, ids, labels, epochs=fs["epochs"], batch_size=fs["batch_size"],
                                          learning_rate=fs["learning_rate"], seed=fs["seed"], device=device,
                                          desc=f"subset model {m}")
             meta = {"index": m, "seen_uids": uids, "rows": len(ids), "shared_rows": len(shared), "base": base_key,
                     "final_train_loss": float(curve.loss.iloc[-1]), "settings": fs}
-            cache.save("mem-models", key, meta, tensors=model.state_dict())
+            return meta, model.state_dict(), None
+
+        meta, tensors, _ = cache.get_or_build("mem-models", key, build)
+        model = GPT2LMHeadModel(config)
+        model.load_state_dict(tensors, strict=False)
+        model.tie_weights()
+        model = model.to(device).eval()
         out.append(SubsetModel(m, model, uids, key, meta))
     return out
 

@@ -27,10 +27,10 @@ import random
 import numpy as np
 import pandas as pd
 
-from .cache import ArtifactCache, cache_key
-from .forget_sets import StudyData, dedupe_windows, example_row, canary_ids, line_start_windows
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
+from .forget_sets import StudyData, dedupe_windows, example_row, line_start_windows
 
-MEM_VERSION = 1               # bump when anything in the mem_* modules changes what is built (all their cache keys)
 GUARD_ROWS = 64               # no ID pool window overlaps the first GUARD_ROWS held-out rows (utility rows)
 GUARD_NGRAM = 8               # ... judged by shared GUARD_NGRAM-grams
 POOL_SEED_OFFSET = 7919       # the pool's random draws are independent of the study's
@@ -90,7 +90,7 @@ def build_pool(p: dict, data: StudyData) -> pd.DataFrame:
                     taken.add(s)
                     secrets.append(s)
             start = len(data.canary_prefix_ids())
-            rows += [example_row("canary", "pool", i, "canary/template", canary_ids(tok, s), start, tok, s)
+            rows += [example_row("canary", "pool", i, "canary/template", data.canary_ids(s), start, tok, s)
                      for i, s in enumerate(secrets)]
             continue
         split, source = names[kind]
@@ -112,9 +112,8 @@ def build_pool(p: dict, data: StudyData) -> pd.DataFrame:
 
 def pool_key(p: dict, data: StudyData) -> str:
     """Cache key of the pool: the study data and every parameter and constant that :func:`build_pool` reads."""
-    return cache_key("mem-pool", MEM_VERSION, data.fingerprint(), p["mem_pool_size"], list(p["forget_kinds"]),
-                     p["seed"], p["example_tokens"], p["heldout_plays"], p["canary_digits"], GUARD_ROWS, GUARD_NGRAM,
-                     POOL_SEED_OFFSET)
+    return cache_key("mem-pool", code_version("mem_pool"), data.fingerprint(),
+                     params_in(p, "run", "data", "memorization"))
 
 
 def get_pool(p: dict, data: StudyData, cache: ArtifactCache | None = None) -> pd.DataFrame:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import metrics
-from .cache import ArtifactCache, cache_key
+from .cache import ArtifactCache, cache_key, code_version
+from .config import params_in
 from .forget_sets import StudyData
 from .mem_models import SubsetModel
-from .mem_pool import MEM_VERSION
 from .scoring import mean_token_loss
 from .tables import read_tidy_csv
 from .unlearning import UnlearnSettings, Unlearner
@@ -59,12 +59,15 @@ def get_group_unlearning(p: dict, data: StudyData, models: list[SubsetModel], po
     """:func:`run_group_unlearning` with the run's settings, cached (always returned as read back from CSV)."""
     cache = cache or ArtifactCache()
     settings = pool_unlearn_settings(p)
-    key = cache_key("mem-unlearn", MEM_VERSION, [m.key for m in models], asdict(settings),
+    key = cache_key("mem-unlearn", code_version("mem_unlearning", "unlearning", "scoring", "metrics"),
+                    [m.key for m in models], params_in(p, "run", "unlearning", "memorization"),
                     [{**g, "uids": pool.uid.iloc[g["members"]].tolist()} for g in groups], UTILITY_ROWS,
                     data.fingerprint())
-    if not cache.has("mem-unlearn", key):
+
+    def build():
         table = run_group_unlearning(models, pool, groups, settings, data.heldout_rows[:UTILITY_ROWS], data.bos)
-        cache.save("mem-unlearn", key, {"rows": len(table)}, files={"results.csv": table.to_csv(index=False)})
-    _, _, files = cache.load("mem-unlearn", key)
+        return {"rows": len(table)}, None, {"results.csv": table.to_csv(index=False)}
+
+    _, _, files = cache.get_or_build("mem-unlearn", key, build)
     return read_tidy_csv(files["results.csv"])
 

@@ -15,8 +15,8 @@ from typing import Callable
 
 import pandas as pd
 
-from .cache import ArtifactCache, cache_key
-from .engine import COLUMNS, ENGINE_VERSION, Backend, add_genex, make_evaluator, new_unlearner, reference_lls
+from .cache import ArtifactCache, cache_key, code_version
+from .engine import COLUMNS, ENGINE_CODE, Backend, add_genex, make_evaluator, new_unlearner, reference_lls
 from .tables import read_tidy_csv
 
 ProgressFn = Callable[[int, int, str], None]
@@ -33,8 +33,8 @@ class StepRunner:
 
     def key(self, kind: str, method: str) -> str:
         b = self.backend
-        return cache_key("trajectory-extension", ENGINE_VERSION, b.key(), kind, method, b.original_seeds,
-                         b.settings(method).__dict__)
+        return cache_key("trajectory-extension", code_version(*ENGINE_CODE, "trajectories"),
+                         [b.key(s) for s in b.original_seeds], kind, method, b.settings(method).__dict__)
 
     def _check(self, kind: str, method: str) -> None:
         self.backend.view(kind)

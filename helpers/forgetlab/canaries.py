@@ -98,8 +98,7 @@ def candidate_logprobs_shared_last(model: torch.nn.Module, prefix_ids: list[int]
 def candidate_logprobs(model: torch.nn.Module, prefix_ids: list[int], digit_ids: list[int], digits: int
                        ) -> np.ndarray:
     """ll of every candidate secret under ``model``: the trie scorer for GPT-2, shared last digits otherwise."""
-    from .exposure_trie import trie_candidate_logprobs
-    try:
+    if getattr(getattr(model, "config", None), "model_type", "") == "gpt2":
+        from .exposure_trie import trie_candidate_logprobs
         return trie_candidate_logprobs(model, prefix_ids, digit_ids, digits)
-    except TypeError:   # not a GPT-2 block layout
-        return candidate_logprobs_shared_last(model, prefix_ids, digit_ids, digits)
+    return candidate_logprobs_shared_last(model, prefix_ids, digit_ids, digits)

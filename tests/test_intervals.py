@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from forgetlab import intervals as iv
+from forgetlab import survival as sv
 
 
 def table(values_by_seed: dict, **extra) -> pd.DataFrame:
@@ -217,33 +218,33 @@ def test_example_endpoints_refuses_ambiguous_tables():
 def test_kaplan_meier_by_hand():
     # t=2: 5 at risk, 1 event -> 4/5 = 0.8; t=3: 4 at risk (the one censored at 3 still counts), 1 event
     # -> 0.8 * 3/4 = 0.6; t=5: 2 at risk, 1 event -> 0.3; t=8: 1 at risk, censored -> 0.3
-    km = iv.survival_curve([2, 3, 3, 5, 8], [1, 1, 0, 1, 0])
+    km = sv.survival_curve([2, 3, 3, 5, 8], [1, 1, 0, 1, 0])
     assert km.step.tolist() == [2, 3, 5, 8]
     assert km.at_risk.tolist() == [5, 4, 2, 1]
     assert km.events.tolist() == [1, 1, 1, 0] and km.censored.tolist() == [0, 1, 0, 1]
     np.testing.assert_allclose(km.survival, [0.8, 0.6, 0.3, 0.3])
-    assert iv.median_survival(km) == 5
-    np.testing.assert_allclose(iv.survival_at(km, [0, 2, 4, 5, 10]), [1, 0.8, 0.6, 0.3, 0.3])
+    assert sv.median_survival(km) == 5
+    np.testing.assert_allclose(sv.survival_at(km, [0, 2, 4, 5, 10]), [1, 0.8, 0.6, 0.3, 0.3])
 
 
 def test_kaplan_meier_censored_before_any_event():
     # t=1: censored, survival stays 1; t=2: 2 at risk, 1 event -> 0.5; t=4: 1 at risk, 1 event -> 0
-    km = iv.survival_curve([1, 2, 4], [False, True, True])
+    km = sv.survival_curve([1, 2, 4], [False, True, True])
     np.testing.assert_allclose(km.survival, [1.0, 0.5, 0.0])
     assert km.at_risk.tolist() == [3, 2, 1]
-    assert iv.median_survival(km) == 2                  # survival exactly 0.5 counts
+    assert sv.median_survival(km) == 2                  # survival exactly 0.5 counts
 
 
 def test_median_survival_never_and_empty():
-    assert iv.median_survival(iv.survival_curve([10, 10], [0, 0])) == math.inf
-    assert math.isnan(iv.median_survival(iv.survival_curve([], [])))
-    assert iv.survival_curve([math.nan, 3], [1, 1]).at_risk.tolist() == [1]
+    assert sv.median_survival(sv.survival_curve([10, 10], [0, 0])) == math.inf
+    assert math.isnan(sv.median_survival(sv.survival_curve([], [])))
+    assert sv.survival_curve([math.nan, 3], [1, 1]).at_risk.tolist() == [1]
 
 
 def test_survival_curves_grouped():
     ep = pd.DataFrame({"kind": ["id", "id", "code", "code"], "method": "ga", "steps_to_target": [1, 3, 2, 2],
                        "censored": [False, True, False, False]})
-    out = iv.survival_curves(ep)
+    out = sv.survival_curves(ep)
     assert out[out.kind == "id"].survival.tolist() == [0.5, 0.5]
     assert out[out.kind == "code"].survival.tolist() == [0.0]
 
@@ -257,21 +258,21 @@ def endpoints(seeds: dict) -> pd.DataFrame:
 def test_survival_band_from_seed_resampling():
     # seed A: all unlearned at step 2; seed B: all censored at 10. AA -> 0 after step 2, AB -> 0.5, BB -> 1
     ep = endpoints({0: [(2, False)] * 3, 1: [(10, True)] * 3})
-    band = iv.survival_band(ep, [0, 1, 2, 5, 10], resamples=1000)
+    band = sv.survival_band(ep, [0, 1, 2, 5, 10], resamples=1000)
     np.testing.assert_allclose(band.survival, [1, 1, 0.5, 0.5, 0.5])
     np.testing.assert_allclose(band.low, [1, 1, 0, 0, 0])
     np.testing.assert_allclose(band.high, [1, 1, 1, 1, 1])
-    same = iv.survival_band(endpoints({0: [(5, False)] * 2, 1: [(5, False)] * 2}), [0, 4, 5, 9], resamples=200)
+    same = sv.survival_band(endpoints({0: [(5, False)] * 2, 1: [(5, False)] * 2}), [0, 4, 5, 9], resamples=200)
     np.testing.assert_allclose(band.low[:2], 1)
     np.testing.assert_allclose(np.c_[same.survival, same.low, same.high], [[1] * 3, [1] * 3, [0] * 3, [0] * 3])
 
 
 def test_median_survival_interval_with_never_reached_resamples():
     ep = endpoints({0: [(2, False)] * 3, 1: [(10, True)] * 3})
-    ci = iv.median_survival_interval(ep, resamples=1000)
+    ci = sv.median_survival_interval(ep, resamples=1000)
     assert (ci.estimate, ci.low, ci.high) == (2.0, 2.0, math.inf)   # BB (1/4 of resamples) never reaches 0.5
     fast, slow = endpoints({0: [(2, False)] * 2, 1: [(2, False)] * 2}), endpoints({0: [(6, False)], 1: [(6, False)]})
-    d = iv.median_survival_interval(fast, slow, resamples=200)
+    d = sv.median_survival_interval(fast, slow, resamples=200)
     assert (d.estimate, d.low, d.high) == (-4.0, -4.0, -4.0)
     assert iv.verdict(d, "negative") == "agrees"
 

@@ -12,12 +12,16 @@ import numpy as np
 import torch
 
 
-def candidate_digit_matrix(digit_ids: list[int], digits: int) -> np.ndarray:
-    """[10**digits, digits] token ids: row i spells i zero padded, most significant digit first."""
+def _check_digits(digit_ids: list[int], digits: int) -> None:
     if len(digit_ids) != 10:
         raise ValueError(f"need the token ids of the 10 digits, got {len(digit_ids)}")
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
+
+
+def candidate_digit_matrix(digit_ids: list[int], digits: int) -> np.ndarray:
+    """[10**digits, digits] token ids: row i spells i zero padded, most significant digit first."""
+    _check_digits(digit_ids, digits)
     values = np.arange(10 ** digits, dtype=np.int64)
     powers = 10 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
     return np.asarray(digit_ids, dtype=np.int64)[(values[:, None] // powers) % 10]
@@ -68,10 +72,7 @@ def candidate_logprobs_shared_last(model: torch.nn.Module, prefix_ids: list[int]
     path is scored once and its last position gives all ten last digits: ``10**(digits-1) * (len(prefix) +
     digits - 1)`` token evaluations instead of ``10**digits * (len(prefix) + digits)``.
     """
-    if len(digit_ids) != 10:
-        raise ValueError(f"need the token ids of the 10 digits, got {len(digit_ids)}")
-    if digits < 1:
-        raise ValueError(f"digits must be >= 1, got {digits}")
+    _check_digits(digit_ids, digits)
     p = _check_prefix(prefix_ids)
     device = next(model.parameters()).device
     was_training = model.training

@@ -93,3 +93,16 @@ def test_summary_record_is_json_ready():
     assert record["per_forget_set"]["id/ga"]["steps_to_target"] == 6.0
     assert record["per_forget_set"]["canary/ga"]["steps_to_target"] is None      # never reached -> null
     assert {c["verdict"] for c in record["claims"]} <= {"agrees", "disagrees", "not measurable"}
+
+
+def test_a_forget_example_inside_the_noise_band_is_flagged():
+    rows = []
+    for uid, role, g in (("f-trained", "forget", 12.0), ("f-never", "forget", 0.4), ("c0", "control", -0.5),
+                         ("c1", "control", 0.2), ("c2", "control", 0.1)):
+        rows.append({"step": 0, "seed": -1, "uid": uid, "role": role, "metric": "genex_bits", "value": g,
+                     "kind": "custom", "method": "ga"})
+    flags = study.never_trained_flags(pd.DataFrame(rows), quantile=1.0).set_index("uid")
+    assert flags.loc["f-trained", "noise_floor_bits"] == 0.5               # the largest |control GenEx|
+    assert not flags.loc["f-trained", "flagged"] and flags.loc["f-never", "flagged"]
+    text = study.never_trained_markdown(flags.reset_index(), {"custom": "custom: my sentences"})
+    assert "custom: my sentences" in text and "1 of 2" in text and "f-never" in text

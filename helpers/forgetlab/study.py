@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from .intervals import noise_floor_target
 
 
 # ---- summaries -----------------------------------------------------------------------------------
@@ -131,6 +132,38 @@ def claims_markdown(table: pd.DataFrame, method: str = "ga", labels: dict[str, s
                  f"{name(r.ood_kind, 'OOD')} {fmt(r.ood_value, r.step_budget)} → {r.verdict}" for r in g.itertuples()]
         n_agree = (g.verdict == "agrees").sum()
         lines.append(f"- *{claim}* — the run agrees for {n_agree} of {len(g)} OOD kinds ({'; '.join(parts)}).")
+    return "\n".join(lines)
+
+
+def never_trained_flags(table: pd.DataFrame, quantile: float = 0.95, minimum: float = 0.0) -> pd.DataFrame:
+    """Forget examples whose GenEx before unlearning lies inside the never-trained controls' noise band.
+
+    Such an example looks as if the model never trained on it (a user's sentence that was not in the data, or one
+    seen too rarely to be memorized): unlearning it is not meaningful and the notebooks say so instead of
+    reporting it as unlearned. One row per kind and forget example: ``genex_bits`` at step 0, the kind's
+    ``noise_floor_bits`` (the `quantile` of the controls' |GenEx| at step 0, at least `minimum`) and ``flagged``.
+    """
+    start = table[(table.step == 0) & (table.metric == "genex_bits")].drop_duplicates(["kind", "uid"])
+    rows = []
+    for kind, g in start.groupby("kind", sort=False):
+        controls = g[g.role == "control"].value
+        floor = noise_floor_target(controls, quantile, minimum) if len(controls) else np.nan
+        for r in g[g.role == "forget"].itertuples():
+            rows.append({"kind": kind, "uid": r.uid, "genex_bits": r.value, "noise_floor_bits": floor,
+                         "flagged": bool(np.isfinite(floor) and abs(r.value) <= floor)})
+    return pd.DataFrame(rows, columns=["kind", "uid", "genex_bits", "noise_floor_bits", "flagged"])
+
+
+def never_trained_markdown(flags: pd.DataFrame, labels: dict[str, str] | None = None) -> str:
+    """One sentence per kind with flagged examples, or a sentence saying none is flagged."""
+    flagged = flags[flags.flagged]
+    if flagged.empty:
+        return "Every forget example starts above its kind's noise floor: the model did learn each of them."
+    name = (labels or {}).get
+    lines = [f"- **{name(k, k)}**: {len(g)} of {int((flags.kind == k).sum())} forget examples start inside the "
+             f"controls' noise band (|GenEx| ≤ {g.noise_floor_bits.iloc[0]:.2f} bits before unlearning): the model "
+             f"behaves as if it never trained on them ({', '.join(g.uid)}), so their \"unlearning\" means nothing."
+             for k, g in flagged.groupby("kind", sort=False)]
     return "\n".join(lines)
 
 

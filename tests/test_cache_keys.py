@@ -5,7 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from forgetlab import backend_smollm, backend_tiny, experiment, llm_finetune, mem_pool
+from dataclasses import asdict
+
+import pandas as pd
+
+from forgetlab import backend_smollm, backend_tiny, dose_response, engine, experiment, llm_finetune, mem_pool
 from forgetlab.cache import code_version
 from forgetlab.config import NOT_IN_KEYS, SCHEMA, load_params
 
@@ -32,7 +36,14 @@ def all_keys(p: dict) -> dict[str, str]:
     llm.data = SimpleNamespace(fingerprint=lambda: "llm-data")
     llm.models = SimpleNamespace(meta={"original (seed 0)": {"key": llm_finetune.finetune_key(p, "llm-data", "base",
                                                                                             "original", 0)}})
+    data = SimpleNamespace(fingerprint=lambda: "data-fingerprint")
+    dose_examples = pd.DataFrame({"role": ["forget", "twin"], "ids": [[0, 5, 6], [0, 7, 8]], "uid": ["f", "t"]})
+    dose = object.__new__(dose_response.DoseBackend)
+    dose.p = p
     return {"data": experiment.data_key(p),
+            "dose model": dose_response.dose_model_key(p, data, "base", dose_examples, "original", 4),
+            "dose unlearning": engine.cache_key(asdict(dose.settings("ga"))),
+            "tiny unlearning": engine.cache_key(asdict(backend_tiny.TinyGPT2.settings(tiny, "ga"))),
             "model": experiment.model_key(p, "data-fingerprint", "original", 0),
             "tiny trajectory": tiny.key(0),
             "llm fine-tuning": llm_finetune.finetune_key(p, "llm-data", "base", "original", 0),
@@ -48,7 +59,8 @@ def params():
 @pytest.mark.parametrize("name", sorted(SCHEMA))
 def test_every_result_parameter_reaches_a_cache_key(params, name, tmp_path):
     before = all_keys(params)
-    value = perturbed(params[name])
+    options = [o for o in SCHEMA[name].options if o != params[name]]
+    value = options[0] if options and isinstance(params[name], str) else perturbed(params[name])
     if name == "custom_source":                  # a path must exist: the key holds the file's content digest
         value = tmp_path / "mine.txt"
         value.write_text("my own sentence\n")
@@ -64,7 +76,8 @@ def test_sections_reach_only_the_keys_that_read_them(params):
     """A parameter of one step does not invalidate the entries of steps that do not read it."""
     before = all_keys(params)
     after = all_keys(dict(params, unlearn_lr=params["unlearn_lr"] * 2))
-    assert [k for k in before if before[k] != after[k]] == ["tiny trajectory", "llm trajectory"]
+    assert [k for k in before if before[k] != after[k]] == ["dose unlearning", "tiny unlearning", "tiny trajectory",
+                                                            "llm trajectory"]
     after = all_keys(dict(params, llm_unlearn_lr=params["llm_unlearn_lr"] * 2))
     assert [k for k in before if before[k] != after[k]] == ["llm trajectory"]
 

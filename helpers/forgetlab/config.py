@@ -39,7 +39,7 @@ class ParameterError(ValueError):
 # (params_in); "plan" says which entries to build (seeds, methods: each entry's key has its own seed or method),
 # "analysis" only changes summaries computed from cached entries, "display" only what is shown.
 SECTIONS = ("run", "plan", "analysis", "display", "data", "model", "training", "unlearning", "memorization",
-            "llm_data", "llm_training", "llm_unlearning")
+            "dose", "llm_data", "llm_training", "llm_unlearning")
 NOT_IN_KEYS = ("plan", "analysis", "display")
 MAX_SEED = 2**31 - 1          # seeds plus small offsets stay valid for numpy, torch and random
 MAX_SEEDS = 64                # models per seed list
@@ -124,6 +124,10 @@ SCHEMA: dict[str, Spec] = {
         "methods": _subset(METHODS, "unlearning methods to compare"),
         "llm_reference_seeds": _seed_list("one reference model per seed (the original uses seed)"),
         "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
+        "dose_insertions": Spec(list, lambda v: 0 < len(v) <= 12 and all(type(x) is int and 1 <= x <= 10_000 for x in v)
+                                and len(set(v)) == len(v), "a non-empty list of at most 12 distinct integers >= 1 and "
+                                "<= 10000", "insertion counts of notebook 07's dose-response (one original and one "
+                                "reference fine-tuning per count, each its own cache entry)", lo=1, hi=10_000),
     }),
     **_section("analysis", {
         "bootstrap": _int(10, 100_000, "bootstrap resamples for confidence intervals (computed in the notebooks)",
@@ -204,10 +208,8 @@ SCHEMA: dict[str, Spec] = {
         "mem_finetune_epochs": _float(0, 1000, strict_lo=True),
         "mem_group_size": _int(1, 10_000, "pool examples unlearned together"),
         "mem_unlearn_steps": _int(1, 100_000, why=STEPS),
-        "dose_insertions": Spec(list, lambda v: 0 < len(v) <= 12 and all(type(x) is int and 1 <= x <= 10_000 for x in v)
-                                and len(set(v)) == len(v), "a non-empty list of at most 12 distinct integers >= 1 and "
-                                "<= 10000", "insertion counts of notebook 07's dose-response (one original and one "
-                                "reference fine-tuning per count, each its own cache entry)", lo=1, hi=10_000),
+    }),
+    **_section("dose", {
         "dose_forget_size": _int(1, 1000, "fresh forget examples per kind in notebook 07 (as many twins and controls)",
                                  SIZE),
         "dose_unlearn_steps": _int(1, 100_000, "gradient-ascent steps per forget set and count in notebook 07 (every "

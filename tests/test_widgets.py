@@ -1,8 +1,9 @@
 """Widget logic without a browser: the controls call the right updates; bad requests are refused visibly.
 
-The Explorer tests use a small hand-made results table (no models); the StepRunner tests unlearn the
-session's tiny models and check that an extended trajectory equals one long run, and that a new
-runner resumes from the cached state instead of starting again from step 0.
+The Explorer tests use a small hand-made results table (no models); the "run more steps" tests extend real
+trajectories with ``trajectories.StepRunner`` on the session's tiny GPT-2 models and on a tiny random Llama
+through the SmolLM2 backend, and check that an extended trajectory equals one long run, and that a new runner
+resumes from the cached state instead of starting again from step 0.
 """
 import json
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from forgetlab import study, widgets
-from forgetlab.widgets import Explorer, StepRunner, parse_step_count
+from forgetlab import engine, explorer_draw, explorer_state, plots
+from forgetlab.explorer_state import ExplorerState, parse_step_count
+from forgetlab.widgets import Explorer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = [0, 2, 4, 6]
@@ -25,7 +28,7 @@ def genex(kind: str, method: str, step: int, i: int) -> float:
 
 
 def results_table(kinds=("id", "canary"), methods=("ga", "npo"), steps=STEPS) -> pd.DataFrame:
-    """A tidy table shaped like study.run_study's, with hand-made values."""
+    """A tidy table shaped like engine.run_study's, with hand-made values."""
     rows = []
 
     def add(**r):
@@ -49,7 +52,7 @@ def results_table(kinds=("id", "canary"), methods=("ga", "npo"), steps=STEPS) ->
                     add(step=step, seed=seed, uid="", role="model", metric="retain_loss", value=3.0 + 0.1 * step)
                     add(step=step, seed=seed, uid="", role="model", metric="loss_canary", value=4.0 + 0.05 * step)
                     add(step=step, seed=seed, uid="", role="model", metric="membership_auc", value=0.9)
-    return pd.DataFrame(rows)[list(widgets.REQUIRED_COLUMNS)]
+    return pd.DataFrame(rows)[list(explorer_state.REQUIRED_COLUMNS)]
 
 
 class FakeRunner:
@@ -71,7 +74,7 @@ class FakeRunner:
         return results_table(kinds=(kind,), methods=(method,), steps=new_steps)
 
     def cached_rows(self):
-        return self.cached if self.cached is not None else pd.DataFrame(columns=list(widgets.REQUIRED_COLUMNS))
+        return self.cached if self.cached is not None else pd.DataFrame(columns=list(explorer_state.REQUIRED_COLUMNS))
 
 
 @pytest.fixture
@@ -245,27 +248,100 @@ def test_bad_arguments_are_explained(results):
         Explorer(results, method="sgd")
 
 
+# ---- labels, colours and the pure state --------------------------------------------------------------------
+
+def test_custom_labels_are_shown_everywhere(results):
+    """What notebook 06 does: ``labels=backend.labels`` names the kinds; the suite's global labels stay as they are."""
+    before = dict(plots.KIND_LABELS)
+    labels = {"id": "ID (English)", "canary": "OOD: secret numbers"}
+    ex = Explorer(results, FakeRunner(), labels=labels)
+    assert ex.kind_select.options == (("ID (English)", "id"), ("OOD: secret numbers", "canary"))
+    assert "ID (English)" in ex.title.value and "ID (English)" in ex.table.value
+    assert ex.metric_figure.axes[0].get_title() == "ID (English) · gradient ascent"
+    assert "ID (English)" in ex.utility_figure.texts[0].get_text()          # the suptitle
+    ex.kind_select.value = "canary"
+    assert "OOD: secret numbers" in ex.title.value
+    assert "of gradient ascent on OOD: secret numbers" in ex.request_more_steps(2)
+    assert plots.KIND_LABELS == before
+    # without labels, the suite's own labels; a kind that `labels` does not name keeps its suite label
+    assert "ID (Shakespeare)" in Explorer(results).title.value
+    ex = Explorer(results, labels={"canary": "OOD: secret numbers"})
+    assert [label for label, _ in ex.kind_select.options] == ["ID (Shakespeare)", "OOD: secret numbers"]
+
+
+def test_unknown_kinds_get_their_label_and_a_stable_colour():
+    table = results_table(kinds=("persian", "id", "dialect"), methods=("ga",))
+    labels = {"id": "ID (English)", "dialect": "OOD: dialect", "persian": "OOD: Persian"}
+    ex = Explorer(table, labels=labels, kind="persian")
+    # order: the suite's kinds, then those of `labels` in its order
+    assert ex.kinds == ["id", "dialect", "persian"]
+    assert ex.colors["id"] == plots.KIND_COLORS["id"]
+    assert ex.colors["dialect"] == plots.EXTRA_KIND_COLORS[0] and ex.colors["persian"] == plots.EXTRA_KIND_COLORS[1]
+    genex_line = ex.metric_figure.axes[0].lines[0]
+    assert genex_line.get_color() == plots.EXTRA_KIND_COLORS[1] and genex_line.get_label() == "GenEx, forget set"
+    assert ex.metric_figure.axes[0].get_title() == "OOD: Persian · gradient ascent"
+    # the same kinds in another row order get the same colours
+    again = Explorer(table.iloc[::-1].reset_index(drop=True), labels=labels)
+    assert again.colors == ex.colors
+    # no labels at all: the kind's own name
+    assert explorer_draw.resolve_labels(["persian", "code"]) == {"persian": "persian", "code": "OOD: Python code"}
+
+
+def test_loss_curves_of_other_kinds_use_their_labels(results):
+    ex = Explorer(results, labels={"canary": "OOD: secret numbers"})
+    ax_loss = ex.utility_figure.axes[1]
+    assert [line.get_label() for line in ax_loss.lines if not line.get_label().startswith("_")] == [
+        "retained training data", "OOD: secret numbers"]
+
+
+def test_the_state_works_without_widgets(results):
+    """explorer_state: selection, step snapping and per-example values, no ipywidgets or matplotlib needed."""
+    state = ExplorerState(results, kind_order=["canary", "id"], target_bits=5.0)
+    assert state.kinds == ["canary", "id"] and state.methods == ["ga", "npo"]
+    assert (state.kind, state.method, state.step) == ("canary", "ga", 0)
+    assert state.set_step(3.1) and state.step == 4 and not state.set_step(4)
+    assert state.set_selection(method="npo") and not state.set_selection(kind="canary")
+    t = state.table_at().set_index("uid")
+    # NPO on canaries at step 4: 12 - 2 = 10 and 13 - 2 = 11, neither below 5 bits; controls are not judged
+    assert t.loc["canary-forget-000", "genex_bits"] == 10.0 and t.loc["canary-forget-001", "genex_bits"] == 11.0
+    assert list(t.unlearned) == ["no", "no", "", ""]
+    assert state.stats == {"prepare": 2}
+    # new rows of the shown selection: it is tabulated again, once; the step stays where it was
+    assert state.add_rows(results_table(kinds=("canary",), methods=("npo",), steps=[8]))
+    assert state.steps == STEPS + [8] and state.step == 4 and state.stats == {"prepare": 3}
+    assert not state.add_rows(results_table(kinds=("id",), methods=("ga",), steps=[8]))
+    with pytest.raises(ValueError, match="lack columns"):
+        state.add_rows(results.drop(columns="value"))
+
+
+def test_required_columns_are_the_engines():
+    assert explorer_state.REQUIRED_COLUMNS == engine.COLUMNS
+
+
+def test_rerun_rows_replace_the_old_values_of_the_same_step(results):
+    newer = results_table(kinds=("id",), methods=("ga",), steps=[6])
+    newer["value"] = newer.value + 100.0
+    ex = Explorer(results, FakeRunner(cached=newer))
+    ex.set_step(6)
+    assert ex.table_at().set_index("uid").loc["id-forget-000", "genex_bits"] == 8 - 6 + 100.0
+    assert len(ex.results) == len(results)
+
+
 # ---- notebooks: widget cells are batch-safe --------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["03_gradient_ascent.ipynb", "04_tradeoffs.ipynb"])
+@pytest.mark.parametrize("name", ["03_gradient_ascent.ipynb", "04_tradeoffs.ipynb", "06_real_llm.ipynb"])
 def test_widget_cells_are_ignored_by_nbval(name):
     nb = json.loads((REPO / "notebooks" / name).read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     widget_cells = [c for c in cells if "widgets.Explorer(" in c]
     assert widget_cells, f"{name} has no Explorer cell"
     assert all(c.startswith("# NBVAL_IGNORE_OUTPUT") for c in widget_cells)
+    assert not any("widgets.StepRunner" in c for c in cells), "the runner is now trajectories.StepRunner(backend)"
     # static figures are still drawn by ordinary cells
     assert any("save_figure" in c and "Explorer" not in c for c in cells)
 
 
 # ---- running more steps on real (tiny) models -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_run(small_params, small_data, session_cache):
-    from forgetlab.experiment import get_models
-    p = dict(small_params, unlearn_steps=4, record_every=2, forget_kinds=small_params["forget_kinds"])
-    return p, small_data, get_models(p, small_data, session_cache)
-
 
 def _rows_at(table, steps):
     key = ["step", "seed", "uid", "role", "metric"]
@@ -273,49 +349,172 @@ def _rows_at(table, steps):
     return df[key + ["value"]]
 
 
+class StepCounter:
+    """Counts the unlearning steps taken (Unlearner._take_step calls) while installed with monkeypatch."""
+
+    def __init__(self, monkeypatch):
+        from forgetlab.unlearning import Unlearner
+        self.n, inner = 0, Unlearner._take_step
+
+        def counted(unlearner):
+            self.n += 1
+            inner(unlearner)
+        monkeypatch.setattr(Unlearner, "_take_step", counted)
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(small_params, small_data, session_cache):
+    from forgetlab.backend_tiny import TinyGPT2
+    from forgetlab.experiment import get_models
+    p = dict(small_params, unlearn_steps=4, record_every=2)
+    return TinyGPT2(p, small_data, get_models(p, small_data, session_cache))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ga", "graddiff", "npo"])
-def test_more_steps_continue_the_trajectory_and_resume_from_the_cache(tiny_run, tmp_path, monkeypatch, method):
+def test_more_steps_continue_the_trajectory_and_resume_from_the_cache(tiny_backend, tmp_path, monkeypatch, method):
     from forgetlab.cache import ArtifactCache
-    p, data, models = tiny_run
+    from forgetlab.trajectories import StepRunner
+    b = tiny_backend
+    seeds = len(b.original_seeds)
     cache = ArtifactCache(tmp_path)
     seen = []
-    first = StepRunner(p, data, models, cache)
-    rows = first("id", method, 3, progress=lambda done, total, what="": seen.append((done, total)))
+    counter = StepCounter(monkeypatch)
+    first = StepRunner(b, cache)
+    assert first.end_step("id", method) == 4 and first.cached_rows().empty
+    rows = first("id", method, 3, progress=lambda done, total, what="": seen.append((done, total, what)))
     assert sorted(rows.step.unique()) == [6, 7]                     # record_every 2, and the last step
-    assert set(rows.metric) >= {"ll", "relex_bits", "genex_bits", "heldout_ppl", "retain_loss"}
-    assert seen[-1] == (3, 3)
+    assert set(rows.metric) >= {"ll", "relex_bits", "genex_bits", "heldout_ppl", "retain_loss", "membership_auc"}
+    assert list(rows.columns) == list(engine.COLUMNS) and set(rows.method) == {method} and set(rows.kind) == {"id"}
+    assert seen[-1][:2] == (3 * seeds, 3 * seeds) and any("rebuilding" in w for _, _, w in seen)
+    assert counter.n == (4 + 3) * seeds                              # the recorded 4 steps once, then 3 more
     assert first.end_step("id", method) == 7
 
-    # a new runner (a rerun of the notebook) resumes from step 7 without redoing steps 0..4
-    def no_restart(*a, **k):
-        raise AssertionError("the cached trajectory should have been resumed, not rebuilt")
-    monkeypatch.setattr(study, "unlearn_forget_set", no_restart)
-    second = StepRunner(p, data, models, cache)
+    # a new runner (a rerun of the notebook) resumes from step 7 without redoing steps 0..7
+    seen.clear()
+    second = StepRunner(b, cache)
     assert sorted(second.cached_rows().step.unique()) == [6, 7] and second.end_step("id", method) == 7
-    more = second("id", method, 2)
+    more = second("id", method, 2, progress=lambda done, total, what="": seen.append(what))
     assert sorted(more.step.unique()) == [8, 9]
-    assert sorted(StepRunner(p, data, models, cache).cached_rows().step.unique()) == [6, 7, 8, 9]
+    assert counter.n == (4 + 3 + 2) * seeds and not any("rebuilding" in w for w in seen)
+    assert sorted(StepRunner(b, cache).cached_rows().step.unique()) == [6, 7, 8, 9]
     monkeypatch.undo()
 
     # the same numbers as one uninterrupted run of 9 steps
-    straight, _ = study.unlearn_forget_set(p, data, models, "id", method, steps=9)
+    straight = engine.unlearn_forget_set(b, "id", method, steps=9)
     both = pd.concat([rows, more], ignore_index=True)
-    a, b = _rows_at(both, [6, 8, 9]), _rows_at(straight, [6, 8, 9])
-    assert len(a) == len(b) > 0
-    pd.testing.assert_frame_equal(a, b)
+    a, c = _rows_at(both, [6, 8, 9]), _rows_at(straight, [6, 8, 9])
+    assert len(a) == len(c) > 0
+    pd.testing.assert_frame_equal(a, c)
 
 
 @pytest.mark.slow
-def test_runner_refuses_bad_requests(tiny_run, tmp_path):
+def test_runner_refuses_bad_requests(tiny_backend, small_data, tmp_path):
+    from forgetlab.backend_tiny import TinyGPT2
     from forgetlab.cache import ArtifactCache
-    p, data, models = tiny_run
-    runner = StepRunner(p, data, models, ArtifactCache(tmp_path))
+    from forgetlab.trajectories import StepRunner
+    runner = StepRunner(tiny_backend, ArtifactCache(tmp_path))
     for n in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="whole number of steps"):
             runner("id", "ga", n)
     with pytest.raises(ValueError, match="not in this run"):
         runner("id", "dpo", 1)
-    with pytest.raises(study.StudyInputError, match="not in this run's training data"):
-        StepRunner(dict(p, forget_kinds=["id"]), data, models, ArtifactCache(tmp_path))("code", "ga", 1)
+    only_id = TinyGPT2(dict(tiny_backend.p, forget_kinds=["id"]), small_data, tiny_backend.models)
+    with pytest.raises(engine.StudyInputError, match="unknown forget set 'code': this run has id"):
+        StepRunner(only_id, ArtifactCache(tmp_path))("code", "ga", 1)
     assert runner.cached_rows().empty
+
+
+@pytest.mark.slow
+def test_explorer_runs_more_steps_through_the_step_runner(tiny_backend, tmp_path):
+    """The notebook's wiring: Explorer(results, trajectories.StepRunner(backend), labels=backend.labels)."""
+    from forgetlab.cache import ArtifactCache
+    from forgetlab.trajectories import StepRunner
+    b = tiny_backend
+    results = engine.unlearn_forget_set(b, "canary", "ga")
+    ex = Explorer(results, StepRunner(b, ArtifactCache(tmp_path)), max_widget_steps=5, target_bits=b.target_bits,
+                  labels=b.labels)
+    assert ex.steps == [0, 2, 4] and "OOD: canaries" in ex.title.value
+    assert "now ends at step 6" in ex.request_more_steps("2")
+    assert ex.steps == [0, 2, 4, 6] and ex.step == 6
+    # the canary's exact exposure is scored at the new last step
+    assert "exposure_exact_bits" in set(ex.results[ex.results.step == 6].metric)
+
+
+# ---- the same runner through the SmolLM2 backend, on a tiny random Llama ------------------------------------
+
+class CharTok:
+    """A character-level stand-in for the HF tokenizer: id 0 is <|endoftext|>, every character its own token."""
+
+    def __init__(self, texts):
+        chars = sorted(set("".join(texts)) | set("0123456789 My secret number is"))
+        self.vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+        self.inverse = {i: c for c, i in self.vocab.items()}
+        self.unk_token_id = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.vocab[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.inverse[int(i)] for i in ids if int(i) != 0)
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab.get(token)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """SmolLM2 backend around a 2-block random Llama and a character tokenizer (seconds to fine-tune)."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgetlab.backend_smollm import SmolLM2
+    from forgetlab.cache import ArtifactCache
+    from forgetlab.config import load_params
+    from forgetlab.llm_data import build_llm_data
+    from forgetlab.llm_finetune import get_llm_models
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    english = [" ".join(rng.choice(words) for _ in range(80)) + "\n" for _ in range(12)]
+    letters = "ابپتثجچحخدذرزسشصضطظعغفقکگلمنوهی "
+    persian = ["".join(rng.choice(letters) for _ in range(400)) + "\n" for _ in range(4)]
+    tok = CharTok(english + persian)
+    p = load_params("smoke", {"llm_example_tokens": 12, "llm_train_layers": 1, "llm_unlearn_steps": 2,
+                              "llm_record_every": 1, "llm_methods": ["ga", "npo"], "llm_canary_digits": 2,
+                              "llm_unlearn_lr": 0.001, "llm_lr": 0.003, "llm_finetune_epochs": 2.0})
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok.vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    data = build_llm_data(p, tok, english=english, lowresource=persian)
+    cache = ArtifactCache(tmp_path_factory.mktemp("tiny-llama-cache"))
+    models = get_llm_models(p, data, LlamaForCausalLM(config).eval(), "tiny-llama", cache)
+    return SmolLM2(p, data, models, tok)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,method", [("canary", "ga"), ("language", "npo")])
+def test_more_steps_through_the_smollm2_backend_resume_bit_for_bit(tiny_llama, tmp_path, kind, method):
+    """2 recorded steps + 2 more (the second runner resuming from the cache) give the rows of 4 steps in one go."""
+    from forgetlab.cache import ArtifactCache
+    from forgetlab.trajectories import StepRunner
+    b = tiny_llama
+    cache = ArtifactCache(tmp_path)
+    original = {n: t.clone() for n, t in b.models.original.items()}
+    first = StepRunner(b, cache)(kind, method, 1)
+    second = StepRunner(b, cache)(kind, method, 1)                 # resumes from step 3 (cached state)
+    assert sorted(first.step.unique()) == [3] and sorted(second.step.unique()) == [4]
+    straight = engine.unlearn_forget_set(b, kind, method, steps=4)
+    both = pd.concat([first, second], ignore_index=True)
+    if kind == "canary":
+        # exact exposure is scored at the last step of each call: compare it at step 4 only
+        assert "exposure_exact_bits" in set(second.metric)
+        both = both[~((both.step == 3) & (both.metric == "exposure_exact_bits"))]
+    a, c = _rows_at(both, [3, 4]), _rows_at(straight, [3, 4])
+    assert len(a) == len(c) > 0 and set(a.metric) >= {"ll", "genex_bits", "relex_bits", "retain_loss"}
+    pd.testing.assert_frame_equal(a, c, check_exact=True)
+    # the working copy is back at the original's weights
+    params = dict(b.models.model.named_parameters())
+    assert all(torch.equal(params[n].detach().cpu(), t) for n, t in original.items())

@@ -19,7 +19,7 @@ trap 'rm -rf "$nbval_cache"' EXIT
 FORGETLAB_CACHE="$nbval_cache" $py -m pytest --nbval outputs/smoke/notebooks -q -p no:cacheprovider \
   --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 900
 
-echo "== browser test: notebook 03 in JupyterLab, driven in headless Chromium (screenshots: outputs/browser/)"
+echo "== browser tests: notebooks 03, 06 and the lab in JupyterLab, driven in headless Chromium (screenshots: outputs/browser/)"
 if [ ! -x /usr/bin/chromium ]; then
   echo "[browser] /usr/bin/chromium is missing: installing Debian's chromium package"
   sudo_=""

@@ -201,8 +201,8 @@ def test_ray_gives_the_same_table(local_results, run_cache, tmp_path):
     try:
         report = run_sweep(sweep, "ray", workers=2, progress=False)
     except SweepRunError as exc:   # Ray 2.60 gives its agents a fixed 15 s to start: an overloaded machine misses it
-        if "timed out during startup" not in str(exc):
-            raise
+        if "timed out during startup" not in str(exc) or os.environ.get("CI"):
+            raise                  # in CI (a quiet 2-core machine) Ray must start: the executor is tested there
         pytest.skip(f"Ray could not start its local instance on this busy machine (3 attempts): {exc}")
     assert report.exit_code == 0, report.text()
     pd.testing.assert_frame_equal(sweep_report.read_results(sweep.results_path), local_results)

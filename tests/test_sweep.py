@@ -75,10 +75,10 @@ def test_sweep_file_problems_are_reported_together(tmp_path):
 
 def test_unit_ids_are_stable_readable_and_cover_every_parameter(tmp_path):
     a = load_sweep(_write(tmp_path / "a.yaml", {"name": "a", "base": "smoke",
-                                                 "grid": {"insertions": [5, 10], "original_seeds": [[0], [3]]}}))
+                                                 "grid": {"insertions": [5, 10], "original_seeds": [[0], [5]]}}))
     b = load_sweep(_write(tmp_path / "b.yaml", {"name": "b", "base": "smoke",
-                                                 "points": [{"original_seeds": [3], "insertions": 10}]}))
-    assert [u.swept for u in a.units] == [{"insertions": n, "original_seeds": s} for n in (5, 10) for s in ([0], [3])]
+                                                 "points": [{"original_seeds": [5], "insertions": 10}]}))
+    assert [u.swept for u in a.units] == [{"insertions": n, "original_seeds": s} for n in (5, 10) for s in ([0], [5])]
     assert a.units[0].unit_id.startswith("insertions-5_original_seeds-0-")
     assert len(a.units[0].unit_id.split("-")[-1]) == 10
     # the same parameters give the same hash, whatever the file, key order or slug

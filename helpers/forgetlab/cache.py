@@ -90,7 +90,8 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()[:12]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -241,12 +242,12 @@ class ArtifactCache:
                 unique, aliases = _split_aliases(tensors)
                 meta["aliases"] = aliases
                 save_file(unique, str(tmp / WEIGHTS))
-                meta["checksums"][WEIGHTS] = _sha256(tmp / WEIGHTS)
+                meta["checksums"][WEIGHTS] = file_sha256(tmp / WEIGHTS)
             for name, text in (files or {}).items():
                 if name in ("meta.json", WEIGHTS) or Path(name).name != name:
                     raise ValueError(f"cache file name {name!r} is reserved or not a plain file name: rename it")
                 (tmp / name).write_text(text, encoding="utf-8")
-                meta["checksums"][name] = _sha256(tmp / name)
+                meta["checksums"][name] = file_sha256(tmp / name)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
             trash = None
             if final.exists():
@@ -286,7 +287,7 @@ class ArtifactCache:
             path = folder / name
             if Path(name).name != name or not path.is_file():
                 raise corrupt(f"is missing {name}")
-            if _sha256(path) != digest:
+            if file_sha256(path) != digest:
                 raise corrupt(f"has {name} that does not match its checksum")
             if name != WEIGHTS:
                 texts[name] = path.read_text(encoding="utf-8")

@@ -319,15 +319,20 @@ def validate_params(raw: Mapping[str, Any], source: str = "parameters") -> dict[
     return clean
 
 
+def resolve_yaml(name: str | Path, folder: Path, what: str, error: type[Exception] = ParameterError) -> Path:
+    """A YAML file named by its stem in `folder` (e.g. 'smoke') or given by path; `error` names the choices."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = folder / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise error(f"{what} file {str(path)!r} not found: pass one of {names} or a path to a YAML file")
+    return path
+
+
 def resolve_profile(profile: str | Path) -> Path:
     """A profile name (smoke/default/full) or a path to a YAML file."""
-    path = Path(profile)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PROFILE_DIR / f"{profile}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
-        raise ParameterError(f"parameter file {str(path)!r} not found: pass one of {names} or a path to a YAML file")
-    return path
+    return resolve_yaml(profile, PROFILE_DIR, "parameter")
 
 
 def load_params(profile: str | Path = "default", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

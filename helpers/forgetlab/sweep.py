@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import ParameterError, resolve_profile, validate_params
+from .config import ParameterError, resolve_profile, resolve_yaml, validate_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SWEEP_DIR = REPO_ROOT / "papermill_params" / "sweeps"
@@ -75,13 +75,7 @@ class Sweep:
 
 def resolve_sweep(sweep: str | Path) -> Path:
     """A sweep name in papermill_params/sweeps/ (e.g. 'smoke') or a path to a sweep YAML file."""
-    path = Path(sweep)
-    if path.suffix not in (".yaml", ".yml"):
-        path = SWEEP_DIR / f"{sweep}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
-        raise SweepError(f"sweep file {str(path)!r} not found: pass one of {names} or a path to a sweep YAML file")
-    return path
+    return resolve_yaml(sweep, SWEEP_DIR, "sweep", SweepError)
 
 
 def _short(value: Any) -> str:

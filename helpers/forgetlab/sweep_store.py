@@ -18,6 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .cache import file_sha256
+
 DONE = "done.json"
 FAILED = "failed.json"
 TEMP_PREFIX = ".tmp-"
@@ -76,19 +78,11 @@ def read_done(units_dir: Path, unit_id: str) -> dict | None:
     for rel, digest in done["checksums"].items():
         path = folder / rel
         try:
-            if not path.is_file() or _sha256(path) != digest:
+            if not path.is_file() or file_sha256(path) != digest:
                 return None
         except OSError:
             return None
     return done
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def commit_unit(tmp: Path, units_dir: Path, unit_id: str, record: dict) -> Path:

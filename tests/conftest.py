@@ -16,7 +16,7 @@ forgetlab.determinism()
 def small_params() -> dict:
     return load_params("smoke", {"max_train_tokens": 20000, "vocab_size": 400, "population_size": 8,
                                  "background_size": 4, "forget_size": 3, "control_size": 2, "epochs": 0.5,
-                                 "reference_seeds": [1]})
+                                 "reference_seeds": [1], "original_seeds": [0]})
 
 
 @pytest.fixture(scope="session")

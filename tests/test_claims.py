@@ -1,0 +1,179 @@
+"""Claims with intervals on hand-built study tables with hand-computed answers: endpoints and censoring, the
+noise-floor target, utility at equal progress, each verdict case, the forest-plot input, the written summary."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from forgetlab import claims, plots_claims
+from forgetlab.intervals import INTERVAL_WORDS
+
+STEPS = [0, 2, 4, 6]
+# per kind: held-out loss (nats/token) and code-population loss per step of that kind's run
+FLAT = ([1.0] * 4, [2.0] * 4)
+
+
+def study_table(forget: dict, controls: dict | None = None, util: dict | None = None, seeds=(0, 1),
+                method: str = "ga") -> pd.DataFrame:
+    """forget: kind -> list of per-example GenEx trajectories (the same for every seed unless a dict seed ->
+    list); controls: kind -> step-0 control GenEx values (per seed); util: kind -> (heldout loss, code loss)."""
+    rows = []
+    for kind, traj in forget.items():
+        for seed in seeds:
+            per = traj[seed] if isinstance(traj, dict) else traj
+            for i, values in enumerate(per):
+                rows += [{"step": s, "seed": seed, "uid": f"{kind}-{i}", "role": "forget", "metric": "genex_seed_bits",
+                          "value": v, "kind": kind, "method": method} for s, v in zip(STEPS, values)]
+            for i, v in enumerate((controls or {}).get(kind, [0.5, -0.5])):
+                rows += [{"step": s, "seed": seed, "uid": f"{kind}-c{i}", "role": "control",
+                          "metric": "genex_seed_bits", "value": v if s == 0 else v - s, "kind": kind,
+                          "method": method} for s in STEPS]
+            held, code = (util or {}).get(kind, FLAT)
+            for s, h, c in zip(STEPS, held, code):
+                rows += [{"step": s, "seed": seed, "uid": "", "role": "model", "metric": "heldout_ppl",
+                          "value": math.exp(h), "kind": kind, "method": method},
+                         {"step": s, "seed": seed, "uid": "", "role": "model", "metric": "loss_code", "value": c,
+                          "kind": kind, "method": method}]
+    return pd.DataFrame(rows)
+
+
+FAST = [10.0, 4.0, 0.2, -1.0]        # below 0.5 bits at step 4, half of 10 removed (< 5) at step 2
+SLOW = [10.0, 8.0, 6.0, 4.0]         # never below 0.5 bits (censored at 6), half removed (< 5) at step 6
+NEVER_HALF = [10.0, 9.0, 8.0, 7.0]   # never half removed: censored at 6
+
+
+def test_noise_floor_is_the_controls_95th_percentile_of_abs_genex_at_step_0_per_kind():
+    t = study_table({"id": [FAST], "code": [FAST]}, controls={"id": [0.5, -0.5], "code": [2.0, -2.0]})
+    assert claims.noise_floors(t) == {"id": pytest.approx(0.5), "code": pytest.approx(2.0)}
+
+
+def test_endpoints_per_example_and_seed_with_censoring():
+    t = study_table({"id": [FAST, SLOW]})
+    e = claims.endpoints(t).set_index(["seed", "uid"])
+    assert len(e) == 4 and (e.target == 0.5).all()
+    fast, slow = e.loc[(0, "id-0")], e.loc[(0, "id-1")]
+    assert (fast.steps_to_target, fast.censored, fast.steps_to_50pct, fast.steps_to_90pct) == (4, False, 2, 4)
+    assert (slow.steps_to_target, slow.censored) == (6, True)          # censored at the last step
+    assert (slow.steps_to_50pct, slow.censored_50pct) == (6, False)    # 4 < 5 at step 6
+    assert (slow.steps_to_90pct, slow.censored_90pct) == (6, True)
+
+
+def test_utility_table_general_loss_is_the_mean_of_heldout_and_population_losses():
+    t = study_table({"id": [FAST]}, util={"id": ([1.0, 1.5, 2.0, 2.5], [2.0, 2.0, 3.0, 2.0])})
+    u = claims.utility_table(t).query("seed == 0").set_index("step")
+    assert u.heldout_loss.tolist() == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert u.general_loss.tolist() == pytest.approx([1.5, 1.75, 2.5, 2.25])
+    lost = claims.utility_lost(t).query("seed == 0").utility_lost.tolist()
+    assert lost == pytest.approx([0.0, 0.25, 1.0, 0.75])
+
+
+def test_at_progress_reads_utility_lost_at_each_examples_half_step():
+    t = study_table({"id": [FAST, SLOW, NEVER_HALF]}, util={"id": ([1.0, 1.5, 2.0, 2.5], [2.0] * 4)})
+    p = claims.at_progress(t, 0.5).query("seed == 0").set_index("uid")
+    # FAST: half at step 2, removed 10 - 4 = 6 bits, general loss lost 0.25 -> 0.25 / 6 per bit
+    assert (p.loc["id-0", "progress_step"], p.loc["id-0", "removed_bits"]) == (2, 6.0)
+    assert p.loc["id-0", "utility_lost"] == pytest.approx(0.25)
+    assert p.loc["id-0", "utility_lost_per_bit"] == pytest.approx(0.25 / 6)
+    # SLOW: half at step 6 (4 < 5), removed 6 bits, lost 0.75
+    assert p.loc["id-1", "utility_lost_per_bit"] == pytest.approx(0.75 / 6)
+    # NEVER_HALF: censored at 6, removed 3 bits by then
+    assert p.loc["id-2", "progress_censored"] and p.loc["id-2", "removed_bits"] == 3.0
+
+
+def test_claims_agree_when_every_interval_lies_on_the_claimed_side_and_count_censoring():
+    # ID fast, code slow (never reaches the floor: censored). ID loses more utility by its half step.
+    t = study_table({"id": [FAST, FAST], "code": [SLOW, SLOW]},
+                    util={"id": ([1.0, 2.0, 3.0, 4.0], [2.0] * 4), "code": FLAT})
+    c = claims.claims_table(t, utilities=["general_loss"], resamples=200).set_index("measure")
+    steps = c.loc["steps_to_target"]
+    # restricted mean: ID 4 steps, code 6 (censored at the budget) -> -2 with no spread at all
+    assert (steps.id_estimate, steps.ood_estimate, steps.estimate) == (4.0, 6.0, -2.0)
+    assert (steps.low, steps.high, steps.verdict) == (-2.0, -2.0, "agrees")
+    assert (steps.id_censored, steps.ood_censored) == (0.0, 1.0)
+    assert steps.median_estimate == -math.inf            # code's median is never reached
+    half = c.loc["steps_to_50pct"]
+    assert (half.estimate, half.verdict) == (2.0 - 6.0, "agrees")
+    # C3: ID lost (general loss: mean of held-out and code loss) 0.5 by step 2; code's run lost nothing
+    c3 = c.loc["utility_lost@general_loss"]
+    assert (c3.id_estimate, c3.ood_estimate, c3.estimate, c3.verdict) == (0.5, 0.0, 0.5, "agrees")
+    c2 = c.loc["utility_lost_per_bit@general_loss"]
+    assert c2.estimate == pytest.approx(0.5 / 6) and c2.verdict == "agrees"
+    assert set(c.n_seeds) == {2} and (c.direction.loc["steps_to_target"], c3.direction) == ("negative", "positive")
+
+
+def test_claims_disagree_when_the_interval_lies_on_the_other_side():
+    t = study_table({"id": [SLOW, SLOW], "code": [FAST, FAST]},
+                    util={"id": FLAT, "code": ([1.0, 2.0, 3.0, 4.0], [2.0] * 4)})
+    c = claims.claims_table(t, resamples=200).set_index("measure")
+    assert (c.loc["steps_to_target", "estimate"], c.loc["steps_to_target", "verdict"]) == (2.0, "disagrees")
+    # held-out loss: code's run lost 1 by its half step (2), ID's run nothing; the general loss half of that
+    lost = c.loc[["utility_lost@heldout_loss", "utility_lost@general_loss"], "estimate"]
+    assert lost.tolist() == [-1.0, -0.5]
+    assert c.loc["utility_lost@general_loss", "verdict"] == "disagrees"
+
+
+def test_claims_are_inconclusive_when_the_interval_contains_zero():
+    # each arm: one fast and one slow example per seed: equal means, resampling spreads around 0
+    t = study_table({"id": [FAST, SLOW], "code": [SLOW, FAST]})
+    c = claims.claims_table(t, resamples=500).set_index("measure").loc["steps_to_target"]
+    assert c.estimate == 0.0 and c.low < 0 < c.high and c.verdict == "inconclusive"
+
+
+def test_a_claim_is_not_measurable_when_an_arm_has_nothing_to_remove():
+    never_learned = [-1.0, -2.0, -3.0, -4.0]       # initial GenEx <= 0: no share of it can be removed
+    t = study_table({"id": [FAST], "code": [never_learned]})
+    c = claims.claims_table(t, resamples=100).set_index("measure")
+    assert c.loc["steps_to_50pct", "verdict"] == "not measurable" and math.isnan(c.loc["steps_to_50pct", "estimate"])
+    assert c.loc["steps_to_target", "verdict"] != "not measurable"      # below the floor at step 0: step 0
+    assert claims.claims_table(study_table({"code": [FAST]}), resamples=10).empty          # no ID forget set
+
+
+def test_forest_rows_place_each_claim_and_kind_with_the_agreeing_side():
+    t = study_table({"id": [FAST, FAST], "code": [SLOW, SLOW], "canary": [SLOW, SLOW]},
+                    util={"id": ([1.0, 2.0, 3.0, 4.0], [2.0] * 4)})
+    c = claims.claims_table(t, utilities=["general_loss"], resamples=100)
+    rows = plots_claims.forest_rows(c, labels={"code": "Python", "canary": "canaries"})
+    assert len(rows) == 4 * 2 and set(rows.row) == {"Python", "canaries"}
+    side = rows.drop_duplicates("panel").set_index(rows.drop_duplicates("panel").panel.str[:2]).agree_side
+    assert side.tolist() == [-1, -1, 1, 1]          # C1 (two endpoints): below 0; C2, C3: above 0
+    fig = plots_claims.forest_plot(c, labels={"code": "Python"})
+    assert len(fig.axes) == 4 and all(ax.get_xlabel().startswith("ID minus OOD") for ax in fig.axes)
+
+
+def test_markdown_and_summary_record_carry_the_bounds_and_the_interval_words():
+    t = study_table({"id": [FAST, FAST], "code": [SLOW, SLOW]})
+    c = claims.claims_table(t, resamples=100)
+    text = claims.claims_markdown(c, labels={"code": "Python"})
+    assert "Python" in text and INTERVAL_WORDS in text and "[-2, -2] → **agrees**" in text
+    rec = claims.summary_record(c)
+    first = next(r for r in rec if r["measure"] == "steps_to_target")
+    assert (first["low"], first["high"], first["verdict"]) == (-2.0, -2.0, "agrees")
+    assert first["median_estimate"] is None                          # -inf becomes null in JSON
+    assert "cannot be checked" in claims.claims_markdown(pd.DataFrame())
+
+
+def test_progress_curves_interpolate_utility_lost_at_the_mean_fraction_removed():
+    # one seed, two examples: fraction removed (capped at 1) per step: [0, .3, .6, 1] and [0, .1, .2, 1.0]
+    t = study_table({"id": [[10.0, 7.0, 4.0, -5.0], [10.0, 9.0, 8.0, 0.0]]}, seeds=(0,),
+                    util={"id": ([1.0, 1.2, 1.4, 2.0], [1.0] * 4)})
+    c = claims.progress_curves(t, ["heldout_loss"], grid=[0.0, 0.2, 0.4, 0.7, 1.0], resamples=50)
+    # mean fraction [0, .2, .4, 1.0]; held-out loss lost [0, .2, .4, 1.0]; 0.7 interpolates to 0.7
+    assert c.utility_lost.tolist() == pytest.approx([0.0, 0.2, 0.4, 0.7, 1.0])
+    assert (c.low <= c.utility_lost + 1e-12).all() and (c.high >= c.utility_lost - 1e-12).all()
+
+
+def test_per_token_values_divide_by_each_examples_scored_tokens():
+    df = pd.DataFrame({"uid": ["a", "b"], "value": [8.0, 3.0]})
+    assert claims.with_per_token(df, {"a": 4, "b": 3}).value_per_token.tolist() == [2.0, 1.0]
+    with pytest.raises(KeyError, match="n_scored"):
+        claims.with_per_token(df, {"a": 4})
+
+
+def test_endpoint_summary_gives_restricted_mean_and_median_with_intervals():
+    t = study_table({"id": [FAST, SLOW]})
+    s = claims.endpoint_summary(claims.endpoints(t), resamples=100).iloc[0]
+    assert s.steps_to_target_mean_estimate == 5.0 and s.steps_to_target_censored == 0.5
+    assert s.steps_to_target_median_estimate == 4.0           # KM: half the examples unlearned at step 4
+    assert s.initial_genex_estimate == 10.0 and s.examples == 2 and s.seeds == 2

@@ -1,0 +1,105 @@
+"""The two sanity checks (controls' GenEx ≈ 0; reference membership AUC ≈ 0.5) on hand-built scores with
+hand-computed answers, on the fake backend, and (slow) on the smoke study with the new-design data."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forgetlab import sanity
+from fake_backend import FakeBackend
+
+
+def scores(kind: str, controls: dict, forget_ref: list, pop_ref: list, forget_orig: list | None = None,
+           pop_orig: list | None = None) -> pd.DataFrame:
+    """controls: uid -> (original ll, [reference ll per reference]); forget/population: per-token ll lists
+    under every reference (and the original); n_scored 1 so ll = per-token ll."""
+    rows = []
+    for uid, (orig, refs) in controls.items():
+        rows.append({"kind": kind, "uid": uid, "role": "control", "model_role": "original", "seed": 0, "ll": orig})
+        rows += [{"kind": kind, "uid": uid, "role": "control", "model_role": "reference", "seed": i, "ll": r}
+                 for i, r in enumerate(refs)]
+    for role, ref, orig in (("forget", forget_ref, forget_orig), ("population", pop_ref, pop_orig)):
+        for j, v in enumerate(ref):
+            rows += [{"kind": kind, "uid": f"{role}-{j}", "role": role, "model_role": "reference", "seed": i, "ll": v}
+                     for i in range(2)]
+            rows.append({"kind": kind, "uid": f"{role}-{j}", "role": role, "model_role": "original", "seed": 0,
+                         "ll": (orig or ref)[j]})
+    return pd.DataFrame(rows).assign(n_scored=1)
+
+
+LN = math.log
+
+
+def test_control_genex_is_each_original_against_the_reference_ensemble():
+    s = scores("id", {"c0": (LN(0.2), [LN(0.1), LN(0.3)]), "c1": (LN(0.4), [LN(0.2), LN(0.2)])}, [1, 4], [2, 3])
+    g = sanity.control_genex(s).set_index("uid").value
+    # c0: log2 0.2 - log2 mean(0.1, 0.3) = 0 bits; c1: log2 0.4 - log2 0.2 = 1 bit
+    assert g["c0"] == pytest.approx(0.0, abs=1e-12) and g["c1"] == pytest.approx(1.0)
+
+
+def test_controls_check_passes_when_the_interval_contains_zero_and_fails_otherwise():
+    ok = scores("id", {"c0": (LN(0.1), [LN(0.2), LN(0.2)]), "c1": (LN(0.4), [LN(0.2), LN(0.2)])}, [1, 4], [2, 3])
+    bad = scores("code", {"c0": (LN(0.4), [LN(0.2), LN(0.2)]), "c1": (LN(0.8), [LN(0.4), LN(0.4)])}, [1, 4], [2, 3])
+    c = sanity.controls_check(pd.concat([ok, bad]), resamples=400).set_index("kind")
+    # id: controls at -1 and +1 bit: mean 0, resamples of two controls give -1, 0 or 1: the interval is [-1, 1]
+    assert c.loc["id", "mean_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert (c.loc["id", "low"], c.loc["id", "high"]) == pytest.approx((-1.0, 1.0))
+    assert bool(c.loc["id", "passes"]) and c.loc["id", "max_abs_bits"] == pytest.approx(1.0)
+    # code: both controls 1 bit more likely under the original: [1, 1] excludes 0
+    assert (c.loc["code", "low"], c.loc["code", "high"]) == pytest.approx((1.0, 1.0))
+    assert not bool(c.loc["code", "passes"])
+
+
+def test_reference_membership_check_on_hand_computed_aucs():
+    # id: forget [1, 4] vs population [2, 3]: 2 of 4 pairs won -> AUC 0.5 under each reference: passes
+    # code: forget [5, 6] vs population [1, 2]: every pair won -> AUC 1, every resample 1: fails
+    s = pd.concat([scores("id", {"c0": (0.0, [0.0, 0.0])}, [1, 4], [2, 3], forget_orig=[9, 8]),
+                   scores("code", {"c0": (0.0, [0.0, 0.0])}, [5, 6], [1, 2])])
+    m = sanity.reference_membership_check(s, resamples=300).set_index("kind")
+    assert m.loc["id", "reference_auc"] == 0.5 and bool(m.loc["id", "passes"])
+    assert m.loc["id", "original_auc"] == 1.0                    # the original trained on them: fully told apart
+    assert (m.loc["code", "reference_low"], m.loc["code", "reference_high"]) == (1.0, 1.0)
+    assert not bool(m.loc["code", "passes"])
+    assert (m.loc["id", "forget"], m.loc["id", "population"], m.loc["id", "reference_models"]) == (2, 2, 2)
+    text = sanity.sanity_markdown(sanity.controls_check(s, resamples=50), m.reset_index(), labels={"code": "Python"})
+    assert "Python" in text and "FAILS" in text and "passes" in text
+
+
+def test_auc_interval_bootstraps_examples_with_one_draw_for_every_model():
+    iv = sanity.auc_interval(np.array([[1.0, 4.0], [1.0, 4.0]]), np.array([[2.0, 3.0], [2.0, 3.0]]), 500)
+    # resamples of members {1,1}: 0, {1,4}: 0.5, {4,4}: 1 (whatever the non-members): the interval is [0, 1]
+    assert iv.estimate == 0.5 and (iv.low, iv.high) == (0.0, 1.0) and iv.n_seeds == 2
+    assert math.isnan(sanity.auc_interval(np.zeros((1, 0)), np.zeros((1, 2))).estimate)
+
+
+def test_start_scores_on_the_fake_backend():
+    b = FakeBackend(original_seeds=(0, 1))
+    s = sanity.start_scores(b)
+    # per kind: 2 forget + 1 control + 3 population = 6 examples; 2 references + 2 originals each
+    assert len(s) == 2 * 6 * 4 and list(s.columns) == sanity.SCORE_COLUMNS
+    view = b.view("a")
+    ex = pd.concat([view.targets, view.population], ignore_index=True)
+    ref = s[(s.kind == "a") & (s.model_role == "reference") & (s.seed == 1)].ll.to_numpy()
+    assert ref == pytest.approx(b.reference_logprobs(ex)[1])
+    assert b.released == 2                                        # every original copy handed back
+
+
+@pytest.mark.slow
+def test_both_checks_pass_for_every_kind_on_the_smoke_study():
+    """The smoke profile's new design (twin references, ID population from the training plays): controls'
+    GenEx within noise of 0 and reference membership AUC within its interval of 0.5, for every kind.
+    Uses the default cache, so a smoke batch reuses (or has already built) these models."""
+    from forgetlab import backend_tiny
+    from forgetlab.config import load_params
+    p = load_params("smoke")
+    assert (p["reference_data"], p["id_population"]) == ("twins", "train-plays")
+    backend = backend_tiny.TinyGPT2.build(p)
+    s = sanity.start_scores(backend)
+    controls = sanity.controls_check(s, resamples=1000)
+    membership = sanity.reference_membership_check(s, resamples=1000)
+    msg = sanity.sanity_markdown(controls, membership)
+    assert set(controls.kind) == set(membership.kind) == set(p["forget_kinds"])
+    assert controls.passes.all() and membership.passes.all(), msg

@@ -1,7 +1,8 @@
 """All benchmarks in one run: exposure, scoring, training, and the wall time / peak memory of the batches.
 
     bash scripts/run_benchmarks.sh                 # sets up .venv, then this script
-    .venv/bin/python benchmarks/run_all.py [--run-smoke] [--quick] [--only exposure scoring training batches]
+    .venv/bin/python benchmarks/run_all.py [--run-smoke] [--quick] [--only exposure scoring evaluation training llm
+                                                                        batches]
 
 Each section prints the fast and the straightforward timing measured side by side in this run, their ratio,
 and the fraction of the machine's dense fp32 matmul limit. The limit is sampled in the same section, under the
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 
 from common import MatmulLimit, fmt_frac, fmt_ratio, fmt_seconds, load_average, matmul_parameters  # noqa: E402
 
-SECTIONS = ("exposure", "scoring", "training", "batches")
+SECTIONS = ("exposure", "scoring", "evaluation", "training", "llm", "batches")
 BATCHES = ("smoke", "default")
 
 
@@ -183,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         import bench_scoring
         header("scoring: per-example log-likelihoods, batched no-grad vs one forward per example")
         lines += bench_scoring.run("default", args.repeats, args.synthetic)
+    if "evaluation" in only:
+        import bench_evaluation
+        header("evaluation: a recorded step, fast vs straightforward evaluator; trajectories, pool vs sequential loop")
+        lines += bench_evaluation.evaluation(max(1, args.repeats), 1)
+        lines += bench_evaluation.trajectories(max(1, args.repeats // 2), 10 if args.quick else 20, 3)
+    if "llm" in only:
+        import bench_llm
+        header("llm: notebook 06's study part (SmolLM2): load, data, fine-tune, unlearn; wall and peak RSS")
+        lines += bench_llm.run_section(args.quick)
     if "training" in only:
         import bench_training
         header("training: achieved FLOP/s of the training step vs the dense matmul limit")

@@ -19,7 +19,7 @@ from .config import METHODS
 from .engine import ForgetSetView
 from .llm_data import KINDS, LLMStudyData, build_llm_data, llm_kind_labels
 from .llm_finetune import EVAL_BATCH, LLMModels, get_llm_models
-from .scoring import mean_token_loss
+from .scoring import mean_token_loss, score_rows
 from .unlearning import UnlearnSettings
 
 
@@ -35,6 +35,23 @@ def utility(model: torch.nn.Module, data: LLMStudyData) -> dict[str, float]:
     """heldout_ppl: perplexity of the held-out English rows; retain_loss: nats/token on shared training rows."""
     return {"heldout_ppl": math.exp(mean_token_loss(model, data.heldout_rows, batch_size=EVAL_BATCH)),
             "retain_loss": mean_token_loss(model, data.retain_sample(len(data.heldout_rows)), batch_size=EVAL_BATCH)}
+
+
+def step_scores(model: torch.nn.Module, data: LLMStudyData, examples: pd.DataFrame
+                ) -> tuple[np.ndarray, dict[str, float]]:
+    """The ll of each row of ``examples`` and the :func:`utility` at one model state, in one
+    :func:`forgetlab.scoring.score_rows` call (the vocabulary head only at scored positions; the frozen blocks'
+    output still comes from the model's FrozenPrefixCache). Same numbers up to float32 rounding."""
+    heldout = data.heldout_rows
+    retain = data.retain_sample(len(heldout))
+    seqs = [list(map(int, ids)) for ids in examples.ids] + [r.tolist() for r in heldout] + [r.tolist() for r in retain]
+    starts = [int(s) for s in examples.score_start] + [1] * (len(heldout) + len(retain))
+    ll = score_rows(model, seqs, starts)
+    n = len(examples)
+    ll_h, ll_r = ll[n:n + len(heldout)], ll[n + len(heldout):]
+    util = {"heldout_ppl": math.exp(-ll_h.sum() / (heldout.shape[0] * (heldout.shape[1] - 1))),
+            "retain_loss": float(-ll_r.sum() / (retain.shape[0] * (retain.shape[1] - 1)))}
+    return ll[:n], util
 
 
 def pretrained_losses(model: torch.nn.Module, data: LLMStudyData) -> pd.DataFrame:
@@ -111,6 +128,10 @@ class SmolLM2:
 
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
+
+    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame) -> tuple[np.ndarray, dict[str, float]]:
+        """``example_logprobs`` and ``utility`` at one model state in one go (the engine's fast evaluator)."""
+        return step_scores(model, self.data, examples)
 
     def key(self, seed: int) -> str:
         original = self.models.meta[f"original (seed {seed})"]["key"]

@@ -17,7 +17,7 @@ from .config import params_in
 from .engine import ForgetSetView, StudyInputError
 from .experiment import TrainedModel, get_models, get_study_data, model_key
 from .forget_sets import StudyData, kind_labels
-from .scoring import mean_token_loss
+from .scoring import mean_token_loss, score_rows
 from .unlearning import UnlearnSettings
 
 CANARY_SAMPLE = 512          # never-trained candidates scored each step (RelEx population, exposure fit)
@@ -102,6 +102,81 @@ def utility(model: torch.nn.Module, data: StudyData, eval_rows: int = UTILITY_RO
     return out
 
 
+CANARY_TRIE_MIN = 64         # canary-shaped rows from which reading them off the candidate trie is cheaper
+
+
+def canary_row_numbers(examples: pd.DataFrame, prefix: list[int], digit_token_ids: list[int], digits: int
+                       ) -> np.ndarray:
+    """Per row: the number its digits spell when the row is ``prefix + one digit token each`` scored from the
+    digits (a canary candidate), else -1."""
+    lookup = {t: d for d, t in enumerate(digit_token_ids)}
+    p = len(prefix)
+    out = np.full(len(examples), -1, dtype=np.int64)
+    for i, (ids, start) in enumerate(zip(examples.ids, examples.score_start)):
+        ids = list(map(int, ids))
+        if int(start) != p or len(ids) != p + digits or ids[:p] != prefix:
+            continue
+        spelled = [lookup.get(t) for t in ids[p:]]
+        if None not in spelled:
+            out[i] = int("".join(map(str, spelled)))
+    return out
+
+
+def step_scores(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame, eval_rows: int = UTILITY_ROWS
+                ) -> tuple[np.ndarray, dict[str, float]]:
+    """The ll of each row of ``examples`` and the :func:`utility` at one model state, every row scored once.
+
+    The fast path of a recorded step (:meth:`TinyGPT2.step_scores`): the examples, the utility's held-out and
+    retain rows and each OOD population go through :func:`forgetlab.scoring.score_rows` together (a population
+    row already among ``examples`` is not scored again); with at least ``CANARY_TRIE_MIN`` canary-shaped rows
+    every candidate is scored by the trie once and those rows are read from it. Same numbers as
+    :func:`metrics.example_logprobs` and :func:`utility` up to float32 rounding (tests/test_fast_paths.py).
+    """
+    heldout = data.heldout_rows[:eval_rows]
+    retain = metrics.seeded_rows(data.train_rows, eval_rows)
+    ood = [k for k in pd.unique(data.examples.kind) if k not in ("id", "canary")]
+    pops = {k: data.select(k, "population") for k in ood}
+    pops = {k: pop for k, pop in pops.items() if len(pop)}
+    seqs = [list(map(int, ids)) for ids in examples.ids]
+    starts = [int(s) for s in examples.score_start]
+    row_of = {(u, tuple(ids)): i for i, (u, ids) in enumerate(zip(examples.uid, seqs))}
+    pop_rows = {}
+    for k, pop in pops.items():
+        where = []
+        for u, ids, s in zip(pop.uid, pop.ids, pop.score_start):
+            ids = list(map(int, ids))
+            if (u, tuple(ids)) not in row_of:
+                row_of[(u, tuple(ids))] = len(seqs)
+                seqs.append(ids)
+                starts.append(int(s))
+            where.append(row_of[(u, tuple(ids))])
+        pop_rows[k] = np.asarray(where)
+    n_ex = len(examples)
+    ll = np.full(len(seqs), np.nan)
+    todo = np.ones(len(seqs), dtype=bool)
+    if "canary" in set(examples.kind) and data.canary_digits:
+        prefix = [int(t) for t in data.canary_prefix_ids()]
+        numbers = canary_row_numbers(pd.DataFrame({"ids": seqs, "score_start": starts}), prefix, digit_ids(data),
+                                     data.canary_digits)
+        if (numbers >= 0).sum() >= CANARY_TRIE_MIN:
+            cand = candidate_logprobs(model, data)
+            ll[numbers >= 0] = cand[numbers[numbers >= 0]]
+            todo = numbers < 0
+    n_rows = len(seqs)
+    seqs += [row.tolist() for row in heldout] + [row.tolist() for row in retain]
+    starts += [1] * (len(heldout) + len(retain))
+    todo = np.concatenate([todo, np.ones(len(heldout) + len(retain), dtype=bool)])
+    ll = np.concatenate([ll, np.full(len(heldout) + len(retain), np.nan)])
+    idx = np.flatnonzero(todo)
+    ll[idx] = score_rows(model, [seqs[i] for i in idx], [starts[i] for i in idx])
+    ll_h, ll_r = ll[n_rows:n_rows + len(heldout)], ll[n_rows + len(heldout):]
+    out = {"heldout_ppl": float(np.exp(-ll_h.sum() / (heldout.shape[0] * (heldout.shape[1] - 1)))),
+           "retain_loss": float(-ll_r.sum() / (retain.shape[0] * (retain.shape[1] - 1)))}
+    for k, where in pop_rows.items():
+        out[f"loss_{k}"] = float(-ll[where].sum() / pops[k].n_scored.sum())
+    return ll[:n_ex], out
+
+
 def check_models(data: StudyData, models: dict[str, list[TrainedModel]]) -> None:
     """Refuse models that do not belong to this data, before any long work."""
     vocab = data.tokenizer.get_vocab_size()
@@ -163,6 +238,14 @@ class TinyGPT2:
 
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
+
+    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame) -> tuple[np.ndarray, dict[str, float]]:
+        """``example_logprobs`` and ``utility`` at one model state in one go (the engine's fast evaluator)."""
+        return step_scores(model, self.data, examples)
+
+    def worker_recipe(self) -> tuple:
+        """How a worker process rebuilds this backend (engine.run_study runs trajectories on a process pool)."""
+        return TinyGPT2, (self.p, self.data, self.models)
 
     def key(self, seed: int) -> str:
         return cache_key(self.name, code_version("backend_tiny"), model_key(self.p, self.data, "original", seed),

@@ -119,22 +119,33 @@ def exact_exposure_records(targets: pd.DataFrame, candidate_ll: np.ndarray) -> l
             for r in targets.itertuples()]
 
 
-def make_evaluator(backend: Backend, view: ForgetSetView, final_step: int) -> Evaluator:
-    """The function an :class:`Unlearner` calls at each recorded step; returns tidy records."""
+def make_evaluator(backend: Backend, view: ForgetSetView, final_step: int, fast: bool = True) -> Evaluator:
+    """The function an :class:`Unlearner` calls at each recorded step; returns tidy records.
+
+    ``fast`` (default) scores the step's rows and the utility together through the backend's optional
+    ``step_scores(model, examples) -> (ll, utility)`` (every row once, few forward passes); ``fast=False``, or a
+    backend without it, calls ``example_logprobs`` and ``utility`` apart: the straightforward reference that
+    tests/test_fast_paths.py and benchmarks/bench_evaluation.py compare against.
+    """
     scored = pd.concat([view.targets, view.population], ignore_index=True)
     n_t = len(view.targets)
     n_scored = scored.n_scored.to_numpy()
     is_forget = (view.targets.role == "forget").to_numpy()
     canary = view.kind == "canary"
+    together = getattr(backend, "step_scores", None) if fast else None
 
     def evaluate(model: torch.nn.Module, step: int) -> list[dict]:
-        ll = backend.example_logprobs(model, scored)
+        if together is not None:
+            ll, util = together(model, scored)
+        else:
+            ll, util = backend.example_logprobs(model, scored), None
         ll_t, ll_pop = ll[:n_t], ll[n_t:]
         recs = target_records(view.targets, ll_t, ll_pop, extrapolate=canary)
         if canary and step in (0, final_step):
             recs += exact_exposure_records(view.targets, backend.candidate_logprobs(model))
         per_token = ll / n_scored
-        return recs + model_records(per_token[:n_t][is_forget], per_token[n_t:], backend.utility(model))
+        util = backend.utility(model) if util is None else util
+        return recs + model_records(per_token[:n_t][is_forget], per_token[n_t:], util)
 
     return evaluate
 
@@ -225,23 +236,34 @@ def trajectory_key(backend: Backend, kind: str, method: str, seed: int) -> str:
 
 
 def run_study(backend: Backend, cache: ArtifactCache | None = None, kinds: list[str] | None = None,
-              methods: list[str] | None = None) -> pd.DataFrame:
+              methods: list[str] | None = None, workers: int | None = None) -> pd.DataFrame:
     """Every forget set x every method x every original seed: the full per-step table with GenEx.
 
-    Each trajectory comes from the cache or is run now and cached on its own.
+    Each trajectory comes from the cache or is run now and cached on its own. A backend that offers
+    ``worker_recipe()`` runs its missing trajectories on ``workers`` processes (default: FORGETLAB_WORKERS, else
+    min(2, cores); see :mod:`forgetlab.engine_pool`), each at one torch thread; with one worker they run here, also
+    at one thread, so the table is the same bit for bit whatever ``workers`` is. Other backends (SmolLM2: one
+    working copy of a large model) run sequentially, as before.
     """
+    from . import engine_pool
     cache = cache or ArtifactCache()
     kinds = list(kinds or backend.kinds)
     methods = list(methods or backend.methods)
     for kind in kinds:
         backend.view(kind)                                   # refuses an unknown kind before any work
     jobs = [(k, m, s) for k in kinds for m in methods for s in backend.original_seeds]
+    poolable = hasattr(backend, "worker_recipe")
+    workers = engine_pool.resolve_workers(workers)
+    if poolable and workers > 1:
+        engine_pool.run_trajectories(backend, cache, [j for j in jobs if not cache.has(
+            "trajectory", trajectory_key(backend, *j))], workers)
     ref = None
     start: dict = {}
     frames: dict[tuple[str, str], list[pd.DataFrame]] = {}
     for kind, method, seed in tqdm(jobs, desc=f"unlearning ({backend.name})", mininterval=1.0):
         def build(kind=kind, method=method, seed=seed):
-            rows = unlearn_trajectory(backend, kind, method, seed, start=start)
+            with engine_pool.torch_threads(1 if poolable else None):
+                rows = unlearn_trajectory(backend, kind, method, seed, start=start)
             return {"rows": len(rows), "kind": kind, "method": method, "seed": seed}, None, {
                 "rows.csv": rows.to_csv(index=False)}
         _, _, files = cache.get_or_build("trajectory", trajectory_key(backend, kind, method, seed), build)

@@ -1,0 +1,145 @@
+"""A recorded step's evaluation and whole unlearning trajectories: the fast paths against today's code, in one run.
+
+    .venv/bin/python benchmarks/bench_evaluation.py [--repeats 5] [--steps 20] [--seeds 3] [--threads 1]
+
+Inputs: the default study's data (forget sets, populations, utility rows) with untrained default-size models
+(seed per model): the cost of evaluation does not depend on what the weights learned.
+
+evaluation   one recorded step of each forget set: ``make_evaluator(...)`` (one pass over every row the step
+             needs, the canary population read off the candidate trie) against ``make_evaluator(..., fast=False)``
+             (example_logprobs, then utility, as before), both at ``--threads`` torch threads (default 1: what
+             each pool worker runs at), round-robin, medians.
+trajectories ``--seeds`` original seeds x one forget set (id) x ga for ``--steps`` steps (recording every
+             ``record_every``): ``engine.run_study`` (process pool of ``min(2, cores)`` 1-thread workers, fast
+             evaluator, spawn time included) against a sequential loop of today's evaluator at torch's default
+             threads; trajectory-steps per second, round-robin, medians.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MatmulLimit, fmt_seconds, load_average  # noqa: E402
+
+import forgetlab  # noqa: E402
+from forgetlab import engine  # noqa: E402
+from forgetlab.cache import ArtifactCache  # noqa: E402
+from forgetlab.config import load_params  # noqa: E402
+
+
+def random_backend(profile: str = "default", seeds: int = 1, overrides: dict | None = None):
+    """TinyGPT2 on the profile's data with untrained models: ``seeds`` originals, the profile's references."""
+    from forgetlab.backend_tiny import TinyGPT2
+    from forgetlab.experiment import TrainedModel, config_for, get_study_data
+    from forgetlab.models import build_model
+    p = load_params(profile, {"original_seeds": list(range(100, 100 + seeds)), **(overrides or {})})
+    data = get_study_data(p)
+    cfg = config_for(p, data)
+    make = lambda role, s: TrainedModel(role, s, build_model(cfg, s).eval(), None, {})  # noqa: E731
+    models = {"original": [make("original", s) for s in p["original_seeds"]],
+              "reference": [make("reference", s) for s in p["reference_seeds"]]}
+    return TinyGPT2(p, data, models)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def evaluation(repeats: int = 5, threads: int = 1, profile: str = "default") -> list[dict]:
+    """Print per-kind medians of a recorded step's evaluation, fast vs straightforward; return summary lines."""
+    backend = random_backend(profile)
+    model = backend.original(backend.original_seeds[0]).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        limit = MatmulLimit(n=1024)
+        times = {}
+        for kind in backend.kinds:
+            view = backend.view(kind)
+            fast = engine.make_evaluator(backend, view, 100)
+            plain = engine.make_evaluator(backend, view, 100, fast=False)
+            fast(model, 2), plain(model, 2)                          # warm-up (and the skew-normal fit cache)
+            times[kind] = ([], [])
+        for _ in range(repeats):                                     # round-robin over kinds and paths
+            for kind in backend.kinds:
+                view = backend.view(kind)
+                times[kind][0].append(_timed(lambda: engine.make_evaluator(backend, view, 100)(model, 2)))
+                times[kind][1].append(_timed(lambda: engine.make_evaluator(backend, view, 100, fast=False)(model, 2)))
+            limit.sample()
+    finally:
+        torch.set_num_threads(before)
+    print(f"recorded step of the {profile} study at {threads} torch thread(s), medians of {repeats}; "
+          f"matmul limit {limit.median_flops / 1e9:.1f} GFLOP/s (median); {load_average()}")
+    print(f"  {'forget set':12s} {'fast':>10s} {'straightforward':>16s} {'ratio':>7s}")
+    fast_all, plain_all = [], []
+    for kind, (f, p) in times.items():
+        mf, mp = statistics.median(f), statistics.median(p)
+        fast_all.append(mf)
+        plain_all.append(mp)
+        print(f"  {kind:12s} {fmt_seconds(mf):>10s} {fmt_seconds(mp):>16s} {mp / mf:6.2f}x")
+    mf, mp = float(np.mean(fast_all)), float(np.mean(plain_all))
+    print(f"  {'mean':12s} {fmt_seconds(mf):>10s} {fmt_seconds(mp):>16s} {mp / mf:6.2f}x   (target >= 4x)")
+    return [{"name": f"recorded step ({threads} thread, mean of kinds)", "fast": mf, "straightforward": mp,
+             "ratio": mp / mf, "fraction": None}]
+
+
+def _sequential_old(backend, kind: str, method: str, steps: int) -> None:
+    """Today's loop: each seed after the other, today's evaluator, torch's default threads."""
+    view = backend.view(kind)
+    for seed in backend.original_seeds:
+        model = backend.original(seed)
+        engine.new_unlearner(backend, view, method, model).run(steps, engine.make_evaluator(backend, view, steps,
+                                                                                              fast=False))
+
+
+def trajectories(repeats: int = 2, steps: int = 20, seeds: int = 3, profile: str = "default") -> list[dict]:
+    """Print trajectory-steps per second, pool + fast evaluator vs today's sequential loop; return summary lines."""
+    backend = random_backend(profile, seeds, {"unlearn_steps": steps})
+    from forgetlab import engine_pool
+    workers = engine_pool.resolve_workers()
+    new, old = [], []
+    for _ in range(repeats):                                          # round-robin
+        with tempfile.TemporaryDirectory() as tmp:
+            new.append(_timed(lambda: engine.run_study(backend, ArtifactCache(tmp), kinds=["id"], methods=["ga"],
+                                                       workers=workers)))
+        old.append(_timed(lambda: _sequential_old(backend, "id", "ga", steps)))
+    n = seeds * steps
+    mn, mo = statistics.median(new), statistics.median(old)
+    print(f"{seeds} seeds x {steps} steps (record every {backend.settings('ga').record_every}), id, ga; medians of "
+          f"{repeats}; {load_average()}")
+    print(f"  new: run_study, {workers} workers  {fmt_seconds(mn):>9s}  {n / mn:6.2f} trajectory-steps/s")
+    print(f"  today: sequential loop         {fmt_seconds(mo):>9s}  {n / mo:6.2f} trajectory-steps/s")
+    print(f"  ratio {mo / mn:.2f}x   (target >= 2.5x)")
+    return [{"name": f"trajectory-steps/s, {seeds} seeds ({workers} workers)", "fast": mn / n,
+             "straightforward": mo / n, "ratio": mo / mn, "fraction": None}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--skip-trajectories", action="store_true")
+    ap.add_argument("--skip-evaluation", action="store_true")
+    args = ap.parse_args()
+    forgetlab.determinism()
+    if not args.skip_evaluation:
+        evaluation(args.repeats, args.threads, args.profile)
+    if not args.skip_trajectories:
+        trajectories(max(1, args.repeats // 2), args.steps, args.seeds, args.profile)
+
+
+if __name__ == "__main__":
+    main()

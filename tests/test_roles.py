@@ -27,20 +27,21 @@ def digest(data) -> tuple[str, str, str]:
     return data.fingerprint(), hashlib.sha256(table).hexdigest()[:16], hashlib.sha256(rows).hexdigest()[:16]
 
 
-def test_shipped_profiles_use_the_legacy_values():
-    for profile in ("smoke", "default", "full"):
+def test_shipped_profiles_use_the_new_design_and_keep_the_legacy_sources():
+    design = {"reference_data": "twins", "id_population": "train-plays"}
+    for profile in ("smoke", "classroom", "default", "full"):
         p = load_params(profile)
-        assert {k: p[k] for k in fs.LEGACY} == fs.LEGACY
+        assert {k: p[k] for k in fs.LEGACY} == {**fs.LEGACY, **design}
 
 
-def test_legacy_values_reproduce_the_small_data(small_data):
-    assert digest(small_data) == LEGACY_SMALL
+def test_legacy_values_reproduce_the_small_data(small_params):
+    assert digest(fs.build_study_data({**small_params, **fs.LEGACY})) == LEGACY_SMALL
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile, expected", [("smoke", LEGACY_SMOKE), ("default", LEGACY_DEFAULT)])
 def test_legacy_values_reproduce_the_profiles_data(profile, expected):
-    assert digest(fs.build_study_data(load_params(profile))) == expected
+    assert digest(fs.build_study_data(load_params(profile, fs.LEGACY))) == expected
 
 
 # --------------------------------------------------------------------------------------- the new design, tiny model
@@ -150,7 +151,7 @@ def llm_setup():
     tok = CharTok(english + persian)
     p = load_params("smoke", {"llm_example_tokens": 12, "llm_train_layers": 1, "llm_unlearn_steps": 3,
                               "llm_record_every": 2, "llm_methods": ["ga", "npo"], "llm_canary_digits": 2,
-                              "llm_unlearn_lr": 0.001, "llm_lr": 0.003, "llm_finetune_epochs": 2.0})
+                              "llm_unlearn_lr": 0.001, "llm_lr": 0.003, "llm_finetune_epochs": 2.0, **fs.LEGACY})
     return p, tok, english, persian
 
 

@@ -245,7 +245,8 @@ def test_llm_data_roles_sizes_and_disjointness(tiny_setup):
                       ("canary", "forget"): F, ("canary", "background"): B, ("canary", "control"): C,
                       ("canary", "population"): P,
                       ("language", "forget"): F, ("language", "background"): B, ("language", "control"): C,
-                      ("language", "population"): P}
+                      ("language", "population"): P,
+                      **({(k, "twin"): F for k in ld.KINDS} if p["reference_data"] == "twins" else {})}
     assert data.retain_rows.shape == (p["llm_train_size"], 13) and data.heldout_rows.shape == (p["llm_utility_rows"], 13)
     assert ex.uid.is_unique
     # Every sequence starts with the start token; text examples score everything after it.
@@ -259,7 +260,8 @@ def test_llm_data_roles_sizes_and_disjointness(tiny_setup):
         assert r.score_start == len(data.canary_prefix) and r.n_scored == 2 and len(r.secret) == 2
     assert can.secret.is_unique
     # Nothing never-trained is ever trained on; held-out English never overlaps training English.
-    trained = {tuple(r) for r in data.retain_rows} | {tuple(i) for i in ex[ex.role.isin(["forget", "background"])].ids}
+    trained = {tuple(r) for r in data.retain_rows} | {tuple(i) for i in ex[ex.role.isin(["forget", "background",
+                                                                                         "twin"])].ids}
     untrained = ex[ex.role.isin(["population", "control"])]
     assert not any(tuple(i) in trained for i in untrained.ids)
     assert not {tuple(r) for r in data.heldout_rows} & (trained | {tuple(i) for i in untrained.ids})

@@ -39,7 +39,7 @@ class ParameterError(ValueError):
 # (params_in); "plan" says which entries to build (seeds, methods: each entry's key has its own seed or method),
 # "analysis" only changes summaries computed from cached entries, "display" only what is shown.
 SECTIONS = ("run", "plan", "analysis", "display", "data", "model", "training", "unlearning", "memorization",
-            "dose", "llm_data", "llm_training", "llm_unlearning")
+            "dose", "dose_unlearning", "llm_data", "llm_training", "llm_unlearning")
 NOT_IN_KEYS = ("plan", "analysis", "display")
 MAX_SEED = 2**31 - 1          # seeds plus small offsets stay valid for numpy, torch and random
 MAX_SEEDS = 64                # models per seed list
@@ -212,6 +212,8 @@ SCHEMA: dict[str, Spec] = {
     **_section("dose", {
         "dose_forget_size": _int(1, 1000, "fresh forget examples per kind in notebook 07 (as many twins and controls)",
                                  SIZE),
+    }),
+    **_section("dose_unlearning", {
         "dose_unlearn_steps": _int(1, 100_000, "gradient-ascent steps per forget set and count in notebook 07 (every "
                                    "step recorded)", STEPS),
     }),

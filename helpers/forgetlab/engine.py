@@ -11,7 +11,8 @@ The result of :func:`run_study` is one tidy table, a row per method x kind x see
   never-trained population, and for canaries ``exposure_bits`` (skew-normal extrapolation from the population)
   and, at the first and last step, ``exposure_exact_bits`` over all of R;
 - per model: ``membership_auc`` (forget examples against the population) and the backend's utility;
-- per model: ``grad_norm`` (mean gradient norm before clipping since the last record) and ``clip_fraction``;
+- per model: ``grad_norm`` (the gradient norm before clipping of the step that led to the record) and
+  ``clip_fraction`` (1 where clipping bound at that step);
 - after the run, ``genex_bits`` per example and step (``seed = -1``: all unlearned seeds against all references)
   and ``genex_seed_bits`` (each original seed against all references, for intervals over seeds).
 

@@ -221,16 +221,15 @@ class Unlearner:
         return [{"step": self.step, **r} for r in records]
 
     def _optimizer_records(self) -> list[dict]:
-        """Per recorded step: the mean pre-clipping gradient norm of the steps since the last record, and the
-        fraction of them whose norm exceeded ``grad_clip`` (where clipping bound)."""
-        norms = self.grad_norms[self._recorded_norms:]
+        """Per recorded step: the pre-clipping gradient norm of the step that led to it and whether clipping
+        bound there (1.0) or not (0.0). Both depend on that step only, so a trajectory run in pieces records the
+        same values as one long run; every step's norm stays in ``grad_norms``."""
         self._recorded_norms = len(self.grad_norms)
-        if not norms:
+        if not self.grad_norms:
             return []
-        clip = self.settings.grad_clip
-        bound = sum(n > clip for n in norms) / len(norms) if clip > 0 else 0.0
-        return [{"uid": "", "role": "model", "metric": "grad_norm", "value": float(np.mean(norms))},
-                {"uid": "", "role": "model", "metric": "clip_fraction", "value": float(bound)}]
+        norm, clip = self.grad_norms[-1], self.settings.grad_clip
+        return [{"uid": "", "role": "model", "metric": "grad_norm", "value": float(norm)},
+                {"uid": "", "role": "model", "metric": "clip_fraction", "value": float(clip > 0 and norm > clip)}]
 
     def run(self, steps: int, evaluate: Callable[[torch.nn.Module, int], list[dict]]) -> list[dict]:
         """Take `steps` more steps; evaluate at step 0 (first call only), every record_every-th step and the last."""

@@ -39,7 +39,7 @@ from .experiment import TrainedModel, config_for, model_key
 from .forget_sets import StudyData, dedupe_windows, example_row, line_start_windows
 from .mem_models import FINETUNE_LR_SCALE, finetune_copy
 from .mem_pool import GUARD_NGRAM, GUARD_ROWS
-from .models import pick_device
+from .models import model_from_tensors, pick_device
 from .roles import pad_rows
 from .scoring import mean_token_loss
 from .unlearning import UnlearnSettings
@@ -230,11 +230,7 @@ def _finetuned(p: dict, data: StudyData, base: TrainedModel, ids: np.ndarray, la
     meta, tensors, _ = cache.get_or_build("dose-models", key, build)
     if built:
         return built[0], meta
-    from transformers import GPT2LMHeadModel
-    model = GPT2LMHeadModel(config_for(p, data))
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    return model.to(device).eval(), meta
+    return model_from_tensors(config_for(p, data), tensors, device), meta
 
 
 def get_dose_models(p: dict, data: StudyData, examples: pd.DataFrame, base: TrainedModel,

@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .cache import ArtifactCache, cache_key, code_version
 from .config import params_in
 from .forget_sets import StudyData, build_study_data, training_rows
-from .models import build_model, count_parameters, model_config, pick_device
+from .models import build_model, count_parameters, model_config, model_from_tensors, pick_device
 from .training import train_lm
 from .user_sources import source_digest
 
@@ -100,10 +100,7 @@ def get_model(p: dict, data: StudyData, role: str, seed: int, cache: ArtifactCac
     meta, tensors, _ = cache.get_or_build("models", key, build)
     if built:
         return built[0]
-    model = GPT2LMHeadModel(config)
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    return TrainedModel(role, seed, model.to(device).eval(), pd.DataFrame(meta["curve"]), meta)
+    return TrainedModel(role, seed, model_from_tensors(config, tensors, device), pd.DataFrame(meta["curve"]), meta)
 
 
 def get_models(p: dict, data: StudyData, cache: ArtifactCache | None = None) -> dict[str, list[TrainedModel]]:

@@ -36,7 +36,7 @@ from .experiment import config_for, model_key
 from .forget_sets import StudyData, example_row, unused_values
 from .intervals import noise_floor_target
 from .mem_models import finetune_copy, get_base_model
-from .models import pick_device
+from .models import model_from_tensors, pick_device
 from .roles import pad_rows
 from .tokenizer import encode
 from .unlearning import UnlearnSettings
@@ -209,8 +209,6 @@ def finetuned(p: dict, data: StudyData, base: torch.nn.Module, ids: np.ndarray, 
     """A copy of `base` fine-tuned on the rows (cached under `key`) and its record (rows, seconds, final loss)."""
     import time
 
-    from transformers import GPT2LMHeadModel
-
     device = pick_device(p["device"])
     built: list[torch.nn.Module] = []
 
@@ -226,10 +224,7 @@ def finetuned(p: dict, data: StudyData, base: torch.nn.Module, ids: np.ndarray, 
     meta, tensors, _ = cache.get_or_build("lab-models", key, build)
     if built:
         return built[0], meta
-    model = GPT2LMHeadModel(config_for(p, data))
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    return model.to(device).eval(), meta
+    return model_from_tensors(config_for(p, data), tensors, device), meta
 
 
 # ----------------------------------------------------------------------------------------- backend

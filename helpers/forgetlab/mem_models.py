@@ -17,14 +17,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from transformers import GPT2LMHeadModel
-
 from .cache import ArtifactCache, cache_key, code_version
 from .config import params_in
 from .experiment import TrainedModel, config_for, get_model, model_key
 from .forget_sets import StudyData, pad_rows
 from .mem_pool import POOL_SEED_OFFSET, MemorizationInputError
-from .models import pick_device, seed_everything
+from .models import model_from_tensors, pick_device, seed_everything
 from .training import train_lm
 
 MEM_MODEL_CODE = ("mem_models", "mem_pool", "models", "training")   # the code that builds a subset model
@@ -124,10 +122,7 @@ def get_subset_models(p: dict, data: StudyData, base: TrainedModel, pool: pd.Dat
             return meta, model.state_dict(), None
 
         meta, tensors, _ = cache.get_or_build("mem-models", key, build)
-        model = GPT2LMHeadModel(config)
-        model.load_state_dict(tensors, strict=False)
-        model.tie_weights()
-        model = model.to(device).eval()
+        model = model_from_tensors(config, tensors, device)
         out.append(SubsetModel(m, model, uids, key, meta))
     return out
 

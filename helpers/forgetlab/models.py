@@ -35,6 +35,15 @@ def build_model(config: GPT2Config, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def model_from_tensors(config: GPT2Config, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+                       ) -> GPT2LMHeadModel:
+    """A tiny GPT-2 from cached weights (tied embeddings re-tied), in eval mode on `device`."""
+    model = GPT2LMHeadModel(config)
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct trainable parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -443,30 +443,12 @@ def test_explorer_runs_more_steps_through_the_step_runner(tiny_backend, tmp_path
 
 # ---- the same runner through the SmolLM2 backend, on a tiny random Llama ------------------------------------
 
-class CharTok:
-    """A character-level stand-in for the HF tokenizer: id 0 is <|endoftext|>, every character its own token."""
-
-    def __init__(self, texts):
-        chars = sorted(set("".join(texts)) | set("0123456789 My secret number is"))
-        self.vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-        self.inverse = {i: c for c, i in self.vocab.items()}
-        self.unk_token_id = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [self.vocab[c] for c in text]
-
-    def decode(self, ids):
-        return "".join(self.inverse[int(i)] for i in ids if int(i) != 0)
-
-    def convert_tokens_to_ids(self, token):
-        return self.vocab.get(token)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """SmolLM2 backend around a 2-block random Llama and a character tokenizer (seconds to fine-tune)."""
     import random
 
+    from test_llm import CharTok
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from forgetlab.backend_smollm import SmolLM2

@@ -17,9 +17,7 @@ import pandas as pd
 
 from . import engine, lab, trajectories
 from .cache import ArtifactCache
-from .widgets import Explorer
-
-ERROR_COLOR, OK_COLOR = "#b00020", "#1b5e20"
+from .widgets import Explorer, message_html
 STAGES = 6                    # read data, base model, reference, original, (fine-tuned), unlearning
 FIRST_STEPS = 40              # unlearning steps a click runs at most (the explorer's "run more steps" goes on)
 
@@ -165,9 +163,7 @@ class LabForm:
         self.progress_label.value = html.escape(what)
 
     def _say(self, text: str, error: bool = False) -> str:
-        color = ERROR_COLOR if error else OK_COLOR
-        icon = "&#9888; " if error else ""
-        self.message.value = f'<span style="color:{color}; font-weight:600">{icon}{html.escape(text)}</span>'
+        self.message.value = message_html(text, error)
         self.last_message = text
         return text
 

@@ -33,6 +33,13 @@ VIEWS = ("steps", "tradeoff")
 ERROR_COLOR, OK_COLOR = "#b00020", "#1b5e20"
 
 
+def message_html(text: str, error: bool = False) -> str:
+    """A widget's one-line message: green when all is well, red with a warning sign when a request is refused."""
+    color = ERROR_COLOR if error else OK_COLOR
+    icon = "&#9888; " if error else ""
+    return f'<span style="color:{color}; font-weight:600">{icon}{html.escape(text)}</span>'
+
+
 class Explorer:
     """Step slider, kind/method selector and "run more steps" over a per-step unlearning results table.
 
@@ -267,9 +274,7 @@ class Explorer:
         self.progress_label.value = html.escape(what) if what else f"{int(done)}/{int(total)} steps"
 
     def _say(self, text: str, error: bool = False) -> str:
-        color = ERROR_COLOR if error else OK_COLOR
-        icon = "&#9888; " if error else ""
-        self.message.value = f'<span style="color:{color}; font-weight:600">{icon}{html.escape(text)}</span>'
+        self.message.value = message_html(text, error)
         self.last_message = text
         return text
 

@@ -7,7 +7,7 @@ export PYTHONHASHSEED=0
 py=.venv/bin/python
 
 echo "== unit tests"
-$py -m pytest tests -q -m "not browser" -p no:cacheprovider
+$py -m pytest tests -q -m "not browser" -p no:cacheprovider --durations=15
 
 echo "== smoke batch (every notebook, papermill)"
 rm -rf outputs/smoke

@@ -185,3 +185,112 @@ def test_dose_kinds_need_id_and_an_ood_kind():
         dr.dose_kinds({"forget_kinds": ["canary", "code"]})
     with pytest.raises(dr.DoseInputError, match="at least one"):
         dr.dose_kinds({"forget_kinds": ["id", "custom"]})
+
+
+def test_no_cache_key_reads_the_insertion_counts():
+    # a grid unit holds one count of dose_insertions: every entry it shares with the full run must keep its key
+    from forgetlab.experiment import data_key, model_key
+    p = load_params("smoke")
+    one = dict(p, dose_insertions=[4])
+    ex = pd.DataFrame({"role": ["forget", "twin"], "ids": [[0, 1], [0, 2]]})
+    assert data_key(one) == data_key(p)
+    assert dr.examples_key(one, _Data()) == dr.examples_key(p, _Data())
+    assert model_key(one, "fp", "reference", 1) == model_key(p, "fp", "reference", 1)
+    for role in ("original", "reference"):
+        assert dr.dose_model_key(one, _Data(), "base", ex, role, 4) == dr.dose_model_key(p, _Data(), "base", ex,
+                                                                                            role, 4)
+    assert dr.dose_model_key(one, _Data(), "base", ex, "original", 4) != dr.dose_model_key(p, _Data(), "base", ex,
+                                                                                            "original", 16)
+
+
+# ------------------------------------------------------------------------------ the grid as a sweep
+
+def test_the_grid_is_a_sweep_with_one_unit_per_count(tmp_path):
+    from forgetlab import dose_grid
+    from forgetlab.sweep import load_sweep
+    p = load_params("smoke", {"dose_insertions": [16, 1, 4]})
+    sweep = dose_grid.grid_sweep(p, tmp_path)
+    assert sweep.root == (tmp_path / "07_dose_sweep").resolve() and sweep.stages == ("dose",)
+    assert [u.swept for u in sweep.units] == [{"dose_insertions": [c]} for c in (1, 4, 16)]
+    assert [u.params for u in sweep.units] == [dict(p, dose_insertions=[c]) for c in (1, 4, 16)]
+    assert sweep.units[0].unit_id.startswith("dose_insertions-1-")
+    # the files stay, so the same sweep runs from the command line; writing it again changes nothing
+    files = {f: (sweep.root / f).stat().st_mtime_ns for f in ("sweep.yaml", "base.yaml")}
+    again = dose_grid.grid_sweep(p, tmp_path)
+    assert [u.unit_id for u in again.units] == [u.unit_id for u in sweep.units]
+    assert {f: (sweep.root / f).stat().st_mtime_ns for f in files} == files
+    assert [u.unit_id for u in load_sweep(sweep.root / "sweep.yaml", tmp_path).units] == \
+        [u.unit_id for u in sweep.units]
+    # another parameter, other units (their ids hash every parameter)
+    other = dose_grid.grid_sweep(dict(p, dose_unlearn_steps=p["dose_unlearn_steps"] + 1), tmp_path)
+    assert not {u.unit_id for u in other.units} & {u.unit_id for u in sweep.units}
+    with pytest.raises(dr.DoseInputError, match="executor = 'threads' is invalid"):
+        dose_grid.run_dose_grid(p, None, tmp_path, executor="threads")
+
+
+def test_a_unit_computed_by_other_code_is_dropped_not_read(tmp_path):
+    from forgetlab import dose_grid, sweep_store
+    sweep = dose_grid.grid_sweep(load_params("smoke"), tmp_path)
+    code = dose_grid.loaded_code()
+    modules = code.modules[0].split()
+    assert {"__init__", "dose_grid", "dose_response", "engine"} <= set(modules)
+    for i, u in enumerate(sweep.units):                      # unit 0: this code; unit 1: a changed module; 2: none
+        tmp = sweep_store.new_unit_dir(sweep.units_dir, u.unit_id)
+        if i < 2:
+            code.assign(version=code.version if i == 0 else "012345678901").to_csv(tmp / "code.csv", index=False)
+        sweep_store.commit_unit(tmp, sweep.units_dir, u.unit_id, {"index": i})
+    assert dose_grid.drop_stale_units(sweep) == [u.unit_id for u in sweep.units[1:]]
+    assert [sweep_store.read_done(sweep.units_dir, u.unit_id) is not None for u in sweep.units] == [True, False, False]
+    assert dose_grid.drop_stale_units(sweep) == []
+
+
+def _entries(root) -> set[str]:
+    return {str(m.parent.relative_to(root)) for m in root.glob("*/*/meta.json") if not m.parts[-3].startswith(".")}
+
+
+@pytest.mark.slow
+def test_the_grid_gives_the_sequential_table_bit_for_bit_resumes_and_shares_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    from forgetlab import dose_grid, mem_models
+    from forgetlab.cache import ArtifactCache
+    from forgetlab.experiment import get_study_data
+    p = load_params("smoke", {"max_train_tokens": 20000, "vocab_size": 400, "population_size": 8,
+                              "background_size": 4, "forget_size": 3, "control_size": 2, "epochs": 0.5,
+                              "reference_seeds": [1], "original_seeds": [0], "forget_kinds": ["id", "canary"],
+                              "dose_insertions": [3, 1], "dose_forget_size": 2, "dose_unlearn_steps": 3})
+    # the sequential path, in this process, in cache A
+    a = tmp_path / "cache-a"
+    cache = ArtifactCache(a)
+    data = get_study_data(p, cache)
+    examples = dr.get_dose_examples(p, data, cache)
+    models = dr.get_dose_models(p, data, examples, mem_models.get_base_model(p, data, cache), cache)
+    expected = dr.run_dose_study(p, data, examples, models, cache)
+    expected_models = dr.model_table(models)
+    # the grid in cache B: the same data and base model, but every dose model and trajectory built by the workers
+    b = tmp_path / "cache-b"
+    for kind in a.iterdir():
+        if kind.name not in ("dose-models", "trajectory", ".locks"):
+            shutil.copytree(kind, b / kind.name)
+    monkeypatch.setenv("FORGETLAB_CACHE", str(b))
+    grid = dose_grid.run_dose_grid(p, data, tmp_path / "run", executor="local", workers=2, progress=False)
+    assert "2 finished (0 from earlier runs), ran 2" in grid.report
+    pd.testing.assert_frame_equal(grid.results, expected, check_exact=True)
+    assert np.array_equal(grid.results.value.to_numpy(), expected.value.to_numpy(), equal_nan=True)
+    pd.testing.assert_frame_equal(grid.models, expected_models, check_exact=True)
+    assert set(grid.results["count"]) == {1, 3}
+    # the units' summaries are the sweep's collected table
+    results = pd.read_csv(grid.sweep.results_path)
+    assert set(results.dose_insertions) == {"[1]", "[3]"} and set(results.kind) == {"id", "canary"}
+    # a rerun resumes: nothing recomputed, the same table
+    done = {u.unit_id: (grid.sweep.units_dir / u.unit_id / "done.json").read_text() for u in grid.sweep.units}
+    again = dose_grid.run_dose_grid(p, data, tmp_path / "run", executor="inline", progress=False)
+    assert "2 finished (2 from earlier runs), ran 0" in again.report
+    assert {uid: (grid.sweep.units_dir / uid / "done.json").read_text() for uid in done} == done
+    pd.testing.assert_frame_equal(again.results, expected, check_exact=True)
+    # in cache A, the grid's units find everything the sequential path built: no entry is built twice
+    before = _entries(a)
+    monkeypatch.setenv("FORGETLAB_CACHE", str(a))
+    shared = dose_grid.run_dose_grid(p, data, tmp_path / "run-a", executor="inline", progress=False)
+    assert _entries(a) == before
+    pd.testing.assert_frame_equal(shared.results, expected, check_exact=True)

@@ -73,6 +73,23 @@ def test_sweep_file_problems_are_reported_together(tmp_path):
         load_sweep(tmp_path / "missing.yaml")
 
 
+def test_the_dose_stage_runs_one_insertion_count_per_unit(tmp_path):
+    spec = {"name": "dose", "base": "smoke", "stages": ["dose"],
+            "points": [{"dose_insertions": [2]}, {"dose_insertions": [1, 5]}, {"seed": 3}]}
+    with pytest.raises(SweepError) as err:
+        load_sweep(_write(tmp_path / "d.yaml", spec))
+    msg = str(err.value)
+    # point 1 holds two counts, point 2 the smoke profile's three: both refused, point 0 is fine
+    assert msg.startswith("2 bad point(s) of 3") and "point 0 " not in msg
+    assert 'point 1 {"dose_insertions": [1, 5]} has dose_insertions = [1, 5]' in msg
+    assert "point 2 " in msg and "dose_insertions: [[1], [5]]" in msg
+    ok = load_sweep(_write(tmp_path / "d.yaml", dict(spec, points=[{"dose_insertions": [2]}])))
+    assert ok.stages == ("dose",) and ok.units[0].params["dose_insertions"] == [2]
+    for stages in (["study", "dose"], ["notebooks"], []):
+        with pytest.raises(SweepError, match=r"stages = .* is invalid: use \[study\]"):
+            load_sweep(_write(tmp_path / "e.yaml", dict(spec, stages=stages, points=[{"dose_insertions": [2]}])))
+
+
 def test_unit_ids_are_stable_readable_and_cover_every_parameter(tmp_path):
     a = load_sweep(_write(tmp_path / "a.yaml", {"name": "a", "base": "smoke",
                                                  "grid": {"insertions": [5, 10], "original_seeds": [[0], [5]]}}))

@@ -16,6 +16,11 @@ then compares kinds at matched initial GenEx.
    see their rows in the same order.
 3. **Unlearning** (:func:`run_dose_study`): a :class:`DoseBackend` per count, run through the study engine (gradient
    ascent, every step recorded, each trajectory cached on its own).
+
+Fine-tuning and unlearning run at one torch thread (CPU kernels can round differently at other thread counts), so a
+count computed here, in a sweep worker (:mod:`forgetlab.dose_grid`, notebook 07's grid) or on Ray gives the same
+numbers bit for bit. Nothing here reads ``dose_insertions`` into a cache key: a unit holding one count shares its
+examples, models and trajectories with a run holding them all.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from .backend_tiny import candidate_logprobs, retain_rows
 from .cache import ArtifactCache, cache_key, code_version
 from .config import params_in
 from .engine import ForgetSetView, StudyInputError
+from .engine_pool import torch_threads
 from .experiment import TrainedModel, config_for, model_key
 from .forget_sets import StudyData, dedupe_windows, example_row, line_start_windows
 from .mem_models import FINETUNE_LR_SCALE, finetune_copy
@@ -221,9 +227,11 @@ def _finetuned(p: dict, data: StudyData, base: TrainedModel, ids: np.ndarray, la
     built: list[torch.nn.Module] = []
 
     def build():
-        model, curve = finetune_copy(base.model, ids, labels, epochs=p["mem_finetune_epochs"],
-                                     batch_size=p["batch_size"], learning_rate=p["learning_rate"] * FINETUNE_LR_SCALE,
-                                     seed=p["seed"], device=device, desc=desc)
+        with torch_threads(1):
+            model, curve = finetune_copy(base.model, ids, labels, epochs=p["mem_finetune_epochs"],
+                                         batch_size=p["batch_size"],
+                                         learning_rate=p["learning_rate"] * FINETUNE_LR_SCALE, seed=p["seed"],
+                                         device=device, desc=desc)
         built.append(model)
         return {"rows": len(ids), "final_train_loss": float(curve.loss.iloc[-1]), "model": desc}, model.state_dict(), None
 
@@ -323,8 +331,9 @@ class DoseBackend:
 def run_dose_study(p: dict, data: StudyData, examples: pd.DataFrame, models: dict[int, DoseModels],
                    cache: ArtifactCache | None = None, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Gradient ascent on every kind's forget set at every count, through the engine: its tidy table plus a
-    ``count`` column (trajectories cached one by one)."""
+    ``count`` column (trajectories cached one by one; everything at one torch thread, like a sweep worker)."""
     cache = cache or ArtifactCache()
-    frames = [engine.run_study(DoseBackend(p, data, examples, models[c], labels), cache, methods=["ga"]).assign(count=c)
-              for c in sorted(models)]
+    with torch_threads(1):
+        frames = [engine.run_study(DoseBackend(p, data, examples, models[c], labels), cache, methods=["ga"])
+                  .assign(count=c) for c in sorted(models)]
     return pd.concat(frames, ignore_index=True)

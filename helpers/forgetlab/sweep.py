@@ -1,13 +1,14 @@
 """Parameter sweeps: `python -m forgetlab.sweep SWEEP.yaml [--executor local|ray] [--workers N]`.
 
 A sweep file names a base profile and the points to run: a ``grid`` (lists crossed) and/or explicit
-``points``, plus ``overrides`` applied to every point and the ``stages`` each unit runs (``study``, and
-optionally ``notebooks`` through the batch). Every point is validated before anything runs; all bad points
-are reported together (exit code 2). Each unit gets a stable id, a readable slug plus a short hash of its full
-parameters, and its results land atomically in ``outputs/<name>/units/<unit_id>/``: a restart skips finished
-units, a failed unit is recorded and the others go on. After every run ``outputs/<name>/results.csv`` is
-rebuilt from the unit folders. Execution lives in :mod:`forgetlab.sweep_exec`, reading and plotting in
-:mod:`forgetlab.sweep_report`.
+``points``, plus ``overrides`` applied to every point and the ``stages`` each unit runs: one table stage
+(``study``: the main study; ``dose``: notebook 07's dose-response at the unit's ``dose_insertions``), and optionally
+``notebooks`` through the batch; :func:`write_sweep` defines a sweep from code (notebook 07's grid). Every point is
+validated before anything runs; all bad points are reported together (exit code 2). Each unit gets a stable id, a
+readable slug plus a short hash of its full parameters, and its results land atomically in
+``outputs/<name>/units/<unit_id>/``: a restart skips finished units, a failed unit is recorded and the others go on.
+After every run ``outputs/<name>/results.csv`` is rebuilt from the unit folders. Execution lives in
+:mod:`forgetlab.sweep_exec`, reading and plotting in :mod:`forgetlab.sweep_report`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .config import ParameterError, resolve_profile, resolve_yaml, validate_para
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SWEEP_DIR = REPO_ROOT / "papermill_params" / "sweeps"
 SWEEP_KEYS = ("name", "description", "base", "grid", "points", "overrides", "stages", "notebooks")
-STAGES = ("study", "notebooks")
+STAGES = ("study", "dose", "notebooks")
+TABLE_STAGES = ("study", "dose")    # what a unit computes; exactly one per sweep (see sweep_exec.unit_tables)
 SEED_PARAMS = ("seed", "original_seeds", "reference_seeds")   # replicates: intervals are taken across them
 
 
@@ -166,9 +168,10 @@ def _structure(raw: dict, path: Path) -> tuple[list[str], dict]:
     elif base_raw:
         _check_keys(overrides, base_raw, "overrides", problems)
     stages = raw.get("stages", ["study"])
-    if not isinstance(stages, list) or "study" not in stages or not set(stages) <= set(STAGES) \
-            or len(set(stages)) != len(stages):
-        problems.append(f"stages = {stages!r} is invalid: use [study] or [study, notebooks]")
+    if not isinstance(stages, list) or not set(stages) <= set(STAGES) or len(set(stages)) != len(stages) \
+            or len(set(stages) & set(TABLE_STAGES)) != 1:
+        problems.append(f"stages = {stages!r} is invalid: use [study] or [study, notebooks] (or [dose]: notebook "
+                        "07's dose-response per point)")
     nbs = raw.get("notebooks")
     if nbs is not None and (not isinstance(nbs, list) or not all(isinstance(n, str) for n in nbs)):
         problems.append("notebooks must be a list of notebook name prefixes, e.g. [\"03\", \"04\"]")
@@ -217,6 +220,11 @@ def load_sweep(sweep: str | Path, outputs_root: str | Path | None = None,
         except ParameterError as exc:
             problems.append(str(exc).replace("\n  - ", "\n      - "))
             continue
+        if "dose" in stages and len(params["dose_insertions"]) != 1:
+            problems.append(f"point {i} {values} has dose_insertions = {params['dose_insertions']}: the dose stage "
+                            "runs one insertion count per unit; sweep it over single counts, e.g. dose_insertions: "
+                            "[[1], [5]]")
+            continue
         uid = unit_id(point, params, stages, notebooks)
         if uid in seen:
             problems.append(f"point {i} {values} repeats point {seen[uid]}: the two have identical parameters; "
@@ -230,6 +238,36 @@ def load_sweep(sweep: str | Path, outputs_root: str | Path | None = None,
     root = Path(outputs_root or REPO_ROOT / "outputs").resolve() / raw["name"]
     return Sweep(raw["name"], path.resolve(), _base_path(raw["base"], path), stages, notebooks, swept_keys, units, root,
                  str(raw.get("description", "")), overrides)
+
+
+def table_stage(stages: tuple[str, ...] | list[str]) -> str:
+    """The stage whose tables a unit computes: ``study`` or ``dose``."""
+    return next(s for s in stages if s in TABLE_STAGES)
+
+
+def write_sweep(folder: str | Path, base: Mapping[str, Any], grid: Mapping[str, list],
+                stages: tuple[str, ...] = ("study",), description: str = "") -> Sweep:
+    """A sweep defined in code: writes ``folder/base.yaml`` (the parameters) and ``folder/sweep.yaml`` (named after
+    the folder), then loads them like any sweep file, so every point is validated and its results land in `folder`.
+
+    The files stay so the same sweep can be rerun from the command line (e.g. on Ray):
+    ``python -m forgetlab.sweep <folder>/sweep.yaml --outputs <folder's parent> --executor ray``.
+    Files are rewritten only when their text changes (atomically).
+    """
+    folder = Path(folder).resolve()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", folder.name):
+        raise SweepError(f"folder name {folder.name!r} is not a valid sweep name: use letters, digits, '.', '-', '_'")
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"name": folder.name, "description": description, "base": "base.yaml", "stages": list(stages),
+            "grid": {k: list(v) for k, v in grid.items()}}
+    for name, value in (("base.yaml", dict(base)), ("sweep.yaml", spec)):
+        text = yaml.safe_dump(value, sort_keys=False)
+        path = folder / name
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return load_sweep(folder / "sweep.yaml", folder.parent)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from . import sweep_store as store
-from .sweep import REPO_ROOT, Sweep
+from .sweep import REPO_ROOT, Sweep, table_stage
 from . import sweep_report
 from .sweep_report import SweepReport
 
@@ -43,12 +43,20 @@ class SweepRunError(RuntimeError):
     """The sweep could not run (Ray did not start, another driver holds the folder); the message says what to do."""
 
 
-def unit_tables(p: dict) -> dict[str, Any]:
+def unit_tables(p: dict, stage: str = "study") -> dict[str, Any]:
     """The one place a sweep calls the study: the tables a unit keeps, by file stem (CSV each).
 
-    ``summary``: steps_to_unlearn, one row per method x kind. Data, models and unlearning trajectories come
-    from the shared cache (FORGETLAB_CACHE), so units that need the same ones build them once.
+    Every stage keeps ``summary`` (steps_to_unlearn, one row per method x kind: what results.csv collects).
+    ``study``: the main study of the unit's parameters. ``dose``: notebook 07's dose-response at the unit's
+    ``dose_insertions`` (see :func:`forgetlab.dose_grid.grid_unit_tables`), also keeping the full ``dose`` table,
+    ``dose_models`` and the ``code`` it ran. Data, models and unlearning trajectories come from the shared cache
+    (FORGETLAB_CACHE), so units that need the same ones build them once.
     """
+    if stage == "dose":
+        from .dose_grid import grid_unit_tables
+        return grid_unit_tables(p)
+    if stage != "study":
+        raise ValueError(f"unknown table stage {stage!r}: use study or dose")
     from . import engine, experiment, study
     from .backend_tiny import TinyGPT2
     data = experiment.get_study_data(p)
@@ -92,10 +100,10 @@ def _run_unit(job: dict) -> dict:
     try:
         timings: dict[str, float] = {}
         (tmp / "params.yaml").write_text(yaml.safe_dump(job["params"], sort_keys=False))
-        t0 = time.perf_counter()
-        for name, df in unit_tables(job["params"]).items():
+        t0, stage = time.perf_counter(), table_stage(job["stages"])
+        for name, df in unit_tables(job["params"], stage).items():
             df.to_csv(tmp / f"{name}.csv", index=False)
-        timings["study"] = round(time.perf_counter() - t0, 3)
+        timings[stage] = round(time.perf_counter() - t0, 3)
         if job.get("crash") and uid.startswith(job["crash"]):
             os.kill(os.getpid(), signal.SIGKILL)     # test only: die mid-unit, files half-written in tmp
         if "notebooks" in job["stages"]:

@@ -13,7 +13,13 @@ Figures are in ``plots``.
 2. **Halves.** Subset models see halves of the pool in *complementary pairs*, stratified by kind: model ``2j``
    sees a random half of each kind and model ``2j+1`` the other half, so every example is seen by exactly half
    of the models and every model sees as many examples of each kind.
-3. **Unlearning groups.** Each example is unlearned from the model of the first complementary pair that saw it
+3. **Two disjoint model sets.** Whole pairs alternate between set A (pairs 0, 2, 4, ...: memorization) and set B
+   (pairs 1, 3, 5, ...: difficulty, the models unlearned, and the GenEx reference). As a pair holds one model
+   that saw and one that did not see every example, each set has both for every example, so memorization and
+   difficulty are estimated on separate models and share no term. Splitting by model-index parity would not do:
+   the even models are independent halves, and an example could be seen by all of them or by none.
+   This needs at least ``MIN_MODELS`` = 4 subset models (one pair per set), in complete pairs (an even number).
+4. **Unlearning groups.** Each example is unlearned from the model of set B's first pair that saw it
    (more pairs: ``unlearn_pairs``), in groups of at most ``mem_group_size`` examples of one kind.
 
 Everything is seeded; the pool is cached under a key over everything that determines it.
@@ -35,6 +41,8 @@ GUARD_ROWS = 64               # no ID pool window overlaps the first GUARD_ROWS 
 GUARD_NGRAM = 8               # ... judged by shared GUARD_NGRAM-grams
 POOL_SEED_OFFSET = 7919       # the pool's random draws are independent of the study's
 SPLIT_TRIES = 100             # draws per complementary pair to find a split no earlier pair used
+MIN_MODELS = 4                # subset models needed: one complementary pair in each of the two model sets
+SET_ROLES = {"A": "memorization", "B": "difficulty, unlearning and GenEx reference"}
 
 
 class MemorizationInputError(ValueError):
@@ -181,27 +189,63 @@ def membership_summary(pool: pd.DataFrame, seen: np.ndarray) -> pd.DataFrame:
     return t[t.seen].pivot_table(index="model", columns="kind", values="uid", aggfunc="count", fill_value=0)
 
 
+def model_sets(n_models: int) -> np.ndarray:
+    """The set of each subset model: "A" (memorization) for pairs 0, 2, 4, ..., "B" (difficulty) for pairs 1, 3, ...
+
+    Whole complementary pairs go to one set, so each set holds, for every example, models that saw it and
+    models that did not. Needs an even number of at least MIN_MODELS models.
+    """
+    if n_models < MIN_MODELS or n_models % 2:
+        raise MemorizationInputError(
+            f"mem_models = {n_models}: memorization and difficulty are estimated on two disjoint sets of complete "
+            f"complementary pairs, which needs an even number of at least {MIN_MODELS} subset models: "
+            f"set mem_models to {max(MIN_MODELS, n_models + n_models % 2)}")
+    return np.array(["A" if (m // 2) % 2 == 0 else "B" for m in range(n_models)], dtype=object)
+
+
+def set_pairs(sets: np.ndarray, label: str) -> list[int]:
+    """The complementary pairs (model index // 2) that make up set `label`, in order."""
+    sets = np.asarray(sets, dtype=object)
+    return sorted({m // 2 for m in np.flatnonzero(sets == label)})
+
+
+def check_sets(seen: np.ndarray, sets: np.ndarray) -> None:
+    """Raise unless every example is seen by some model and unseen by another within each set."""
+    seen, sets = np.asarray(seen, dtype=bool), np.asarray(sets, dtype=object)
+    if len(sets) != len(seen):
+        raise MemorizationInputError(f"{len(sets)} set labels for {len(seen)} subset models")
+    for label in SET_ROLES:
+        rows = seen[sets == label]
+        bad = np.flatnonzero(~rows.any(0) | rows.all(0)) if len(rows) else np.arange(seen.shape[1])
+        if bad.size:
+            raise MemorizationInputError(
+                f"set {label} ({SET_ROLES[label]}) has no model that saw, or none that did not see, pool examples "
+                f"{bad[:5].tolist()}: build the split with assign_halves and the sets with model_sets")
+
+
 def plan_unlearning_groups(kinds: list[str] | np.ndarray, seen: np.ndarray, group_size: int,
-                           unlearn_pairs: int = 1) -> list[dict]:
+                           unlearn_pairs: int = 1, pairs: list[int] | None = None) -> list[dict]:
     """Who unlearns what: groups of <= group_size examples of one kind, each from a model that saw all of them.
 
-    Uses the models of the first `unlearn_pairs` complementary pairs; as each pair covers the pool once, every
-    example is unlearned exactly `unlearn_pairs` times, each time from a different model that saw it.
+    Uses the models of the first `unlearn_pairs` complementary pairs of `pairs` (default: every pair, in
+    order; the study passes set B's pairs, so the unlearned models and the GenEx reference never enter the
+    memorization estimate). As each pair covers the pool once, every example is unlearned exactly
+    `unlearn_pairs` times, each time from a different model that saw it.
     Returns a list of {"group", "model", "kind", "members": [pool indices]}.
     """
     kinds = np.asarray(kinds, dtype=object)
     n_models = seen.shape[0]
+    pairs = list(range(math.ceil(n_models / 2))) if pairs is None else [int(j) for j in pairs]
     if group_size < 1:
         raise MemorizationInputError(f"mem_group_size = {group_size}: must be >= 1")
-    if not 1 <= unlearn_pairs <= math.ceil(n_models / 2):
+    if not 1 <= unlearn_pairs <= len(pairs):
         raise MemorizationInputError(f"unlearn_pairs = {unlearn_pairs}: must be between 1 and "
-                                     f"{math.ceil(n_models / 2)} (the number of complementary pairs)")
+                                     f"{len(pairs)} (the number of complementary pairs available)")
     groups: list[dict] = []
-    for model in range(min(2 * unlearn_pairs, n_models)):
+    for model in [m for j in pairs[:unlearn_pairs] for m in (2 * j, 2 * j + 1) if m < n_models]:
         for kind in dict.fromkeys(kinds.tolist()):
             members = np.flatnonzero(seen[model] & (kinds == kind)).tolist()
             for b in range(0, len(members), group_size):
                 groups.append({"group": len(groups), "model": model, "kind": kind,
                                "members": members[b:b + group_size]})
     return groups
-

@@ -351,3 +351,74 @@ def plot_unlearning_cost(table: pd.DataFrame, corr: pd.DataFrame, resamples: int
     fig.tight_layout()
     _bootstrap_note(fig, resamples, y=-0.09)
     return fig
+
+
+# --------------------------------------------------------------- memorization endpoints (notebook 05, issue 14)
+
+MEM_ENDPOINT_LABELS = {"memorization": "memorization, set A (nats/token)",
+                       "difficulty": "difficulty, set B (nats/token)",
+                       "steps_to_50pct": "steps to remove 50% of initial GenEx",
+                       "fraction_removed_per_step": "share of initial GenEx removed per step",
+                       "steps_to_target": "raw steps to GenEx < target"}
+_MEM_ENDPOINT_SHORT = {"steps_to_50pct": "steps to remove 50%", "fraction_removed_per_step": "share removed per step",
+                       "steps_to_target": "raw steps to target"}
+
+
+def plot_memorization_endpoint_correlations(table: pd.DataFrame, corr: pd.DataFrame, max_steps: int, *,
+                                            endpoint: str = "steps_to_50pct",
+                                            labels: Mapping[str, str] | None = None) -> plt.Figure:
+    """Top: memorization vs difficulty, and `endpoint` vs each, per pool example (open circles: never reached
+    within the budget, drawn at max_steps + 1). Bottom: every Spearman ρ of a ``mem_stats.correlation_table``
+    with its 95% interval over groups and models, pooled (black) and within each kind."""
+    fig = plt.figure(figsize=(14, 10), layout="constrained")
+    upper, lower = fig.subfigures(2, 1, height_ratios=[1, 1.15])
+    top = list(upper.subplots(1, 3))
+    forest = lower.subplots()
+    main = corr[corr.bootstrap == "groups and models"] if "bootstrap" in corr else corr
+    kinds = kind_order(table.kind, labels)
+    colors = kind_colors(kinds, labels)
+    censorable = endpoint.startswith("steps_")
+    panels = [("difficulty", "memorization"), ("memorization", endpoint), ("difficulty", endpoint)]
+    for ax, (x, y) in zip(top, panels):
+        for kind in kinds:
+            g = table[table.kind == kind]
+            miss = g[y] > max_steps if censorable and y == endpoint else np.zeros(len(g), dtype=bool)
+            ax.scatter(g[x][~miss], g[y][~miss], s=22, alpha=0.8, color=colors[kind], label=kind_label(kind, labels))
+            ax.scatter(g[x][miss], g[y][miss], s=26, facecolors="none", edgecolors=colors[kind], alpha=0.8)
+        if censorable and y == endpoint:
+            ax.axhline(max_steps, color="k", ls="--", lw=0.8)
+        c = main[(main.kind == "all") & (((main.x == x) & (main.y == y)) | ((main.x == y) & (main.y == x)))]
+        ax.set(xlabel=MEM_ENDPOINT_LABELS[x], ylabel=MEM_ENDPOINT_LABELS[y],
+               title=f"{_MEM_ENDPOINT_SHORT.get(y, y)} vs {x}")
+        ax.title.set_fontsize(10)
+        if len(c):
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi + 0.25 * (hi - lo))
+            r = c.iloc[0]
+            annotate_corr(ax, r.spearman, r.ci_low, r.ci_high, label=f"pooled ρ (n={int(r.n)})")
+    scopes = ["all"] + [k for k in kinds if k in set(main.kind)]
+    pairs = list(dict.fromkeys(zip(main.x, main.y)))
+    step = 0.8 / max(1, len(scopes))
+    for j, scope in enumerate(scopes):
+        rows = main[main.kind == scope].set_index(["x", "y"]).reindex(pairs)
+        ypos = np.arange(len(pairs)) + step * (j - (len(scopes) - 1) / 2)
+        err = np.vstack([rows.spearman - rows.ci_low, rows.ci_high - rows.spearman]).clip(min=0)
+        forest.errorbar(rows.spearman, ypos, xerr=np.nan_to_num(err), fmt="o", ms=5, capsize=2,
+                        color="k" if scope == "all" else colors[scope],
+                        label="all kinds pooled" if scope == "all" else f"within {kind_label(scope, labels)}")
+    forest.axvline(0, color="grey", lw=0.8)
+    forest.grid(False, axis="y")
+    for k in range(len(pairs) - 1):                      # bands: one per pair, its scopes inside
+        forest.axhline(k + 0.5, color="0.85", lw=0.8)
+    forest.set_yticks(np.arange(len(pairs)),
+                      [f"{MEM_ENDPOINT_LABELS[y].split(',')[0]} ~ {x}" if y != "difficulty"
+                       else "memorization ~ difficulty" for x, y in pairs], fontsize=8)
+    forest.invert_yaxis()
+    forest.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ, with its 95% interval over unlearning groups and model pairs",
+               ylabel="endpoint (or score) ~ score",
+               title="Rank correlations, pooled and within each kind (n/a: too few examples in a kind)")
+    _legend_outside(forest, title="scope")
+    _legend_outside(top[2], title="kind")
+    fig.suptitle(f"Memorization, difficulty and unlearning speed (primary endpoint: "
+                 f"{MEM_ENDPOINT_LABELS[endpoint]}; open circles: not reached in {max_steps} steps)")
+    return fig

@@ -18,7 +18,8 @@ FLAT = ([1.0] * 4, [2.0] * 4)
 def study_table(forget: dict, controls: dict | None = None, util: dict | None = None, seeds=(0, 1),
                 method: str = "ga") -> pd.DataFrame:
     """forget: kind -> list of per-example GenEx trajectories (the same for every seed unless a dict seed ->
-    list); controls: kind -> step-0 control GenEx values (per seed); util: kind -> (heldout loss, code loss)."""
+    list); controls: kind -> step-0 control GenEx values (the same for every seed unless a dict seed -> list;
+    control i has value - step at later steps); util: kind -> (heldout loss, code loss)."""
     rows = []
     for kind, traj in forget.items():
         for seed in seeds:
@@ -26,7 +27,8 @@ def study_table(forget: dict, controls: dict | None = None, util: dict | None = 
             for i, values in enumerate(per):
                 rows += [{"step": s, "seed": seed, "uid": f"{kind}-{i}", "role": "forget", "metric": "genex_seed_bits",
                           "value": v, "kind": kind, "method": method} for s, v in zip(STEPS, values)]
-            for i, v in enumerate((controls or {}).get(kind, [0.5, -0.5])):
+            ctl = (controls or {}).get(kind, [0.5, -0.5])
+            for i, v in enumerate(ctl[seed] if isinstance(ctl, dict) else ctl):
                 rows += [{"step": s, "seed": seed, "uid": f"{kind}-c{i}", "role": "control",
                           "metric": "genex_seed_bits", "value": v if s == 0 else v - s, "kind": kind,
                           "method": method} for s in STEPS]
@@ -47,6 +49,57 @@ NEVER_HALF = [10.0, 9.0, 8.0, 7.0]   # never half removed: censored at 6
 def test_noise_floor_is_the_controls_95th_percentile_of_abs_genex_at_step_0_per_kind():
     t = study_table({"id": [FAST], "code": [FAST]}, controls={"id": [0.5, -0.5], "code": [2.0, -2.0]})
     assert claims.noise_floors(t) == {"id": pytest.approx(0.5), "code": pytest.approx(2.0)}
+
+
+# Calibration: original seed 0 models ID text 18 bits worse than the references, seed 1 2 bits better. The
+# controls' mean at step 0 is that offset; each example is measured against its own (kind, seed)'s controls.
+OFFSET_CONTROLS = {0: [-21.0, -15.0, -18.0, -18.0], 1: [1.0, 3.0, 2.0, 2.0]}     # means -18 and +2
+OFFSET_FORGET = {0: [[-8.0, -12.0, -15.0, -20.0]],     # calibrated 10, 6, 3, -2: at the floor (3) at step 4
+                 1: [[12.0, 9.0, 6.0, 4.0]]}           # calibrated 10, 7, 4, 2: below it at step 6
+
+
+def test_control_offsets_are_each_kind_and_seeds_mean_control_genex_at_step_0():
+    t = study_table({"id": OFFSET_FORGET}, controls={"id": OFFSET_CONTROLS})
+    o = claims.control_offsets(t).set_index("seed")
+    assert o.offset.tolist() == [-18.0, 2.0] and o.controls.tolist() == [4, 4]
+    cal = claims.calibrate(claims.start_controls(t), claims.control_offsets(t)).sort_values(["seed", "uid"])
+    assert cal.value.tolist() == [-3.0, 3.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0]
+
+
+def test_noise_floor_pools_calibrated_controls_over_seeds_at_least_the_minimum():
+    t = study_table({"id": OFFSET_FORGET}, controls={"id": OFFSET_CONTROLS})
+    # |calibrated| sorted: 0 0 0 0 1 1 3 3; 95th percentile (linear, position 6.65) = 3
+    assert claims.noise_floors(t) == {"id": pytest.approx(3.0)}
+    assert claims.noise_floors(t, minimum=5.0) == {"id": 5.0}
+    # the old, raw floor: |raw| sorted 1 2 2 3 15 18 18 21 -> 18 + 0.65 * 3 = 19.95: the -18 offset inflates it
+    assert claims.noise_floors(t, calibrated=False) == {"id": pytest.approx(19.95)}
+
+
+def test_each_example_is_unlearned_when_its_calibrated_genex_reaches_the_floor():
+    t = study_table({"id": OFFSET_FORGET}, controls={"id": OFFSET_CONTROLS})
+    e = claims.endpoints(t).set_index("seed")
+    assert e.target.tolist() == [3.0, 3.0] and e.offset.tolist() == [-18.0, 2.0]
+    assert e.initial.tolist() == [10.0, 10.0] and e.final.tolist() == [-2.0, 2.0]
+    # seed 0 reaches exactly 3 (= the floor: "to or below") at step 4; seed 1 goes below it at step 6
+    assert e.steps_to_target.tolist() == [4, 6] and not e.censored.any()
+    # half of the calibrated initial 10 (< 5): step 4 (3) and step 4 (4); 90% (< 1): seed 0 at 6, seed 1 never
+    assert e.steps_to_50pct.tolist() == [4, 4]
+    assert e.steps_to_90pct.tolist() == [6, 6] and e.censored_90pct.tolist() == [False, True]
+    # the raw definition counted seed 0's example as unlearned before any step, and had nothing to remove
+    raw = claims.endpoints(t, calibrated=False).set_index("seed")
+    assert raw.steps_to_target.tolist() == [0, 0] and math.isnan(raw.loc[0, "steps_to_50pct"])
+
+
+def test_progress_and_calibration_need_controls_for_every_kind_and_seed():
+    t = study_table({"id": OFFSET_FORGET}, controls={"id": OFFSET_CONTROLS},
+                    util={"id": ([1.0, 1.5, 2.0, 2.5], [2.0] * 4)})
+    p = claims.at_progress(t, 0.5).set_index("seed")
+    # both half removed at step 4: calibrated 10 -> 3 (7 bits) and 10 -> 4 (6 bits); held-out + code loss lost 0.5
+    assert p.removed_bits.tolist() == [7.0, 6.0] and p.genex_then.tolist() == [3.0, 4.0]
+    assert p.utility_lost.tolist() == pytest.approx([0.5, 0.5])
+    missing = study_table({"id": OFFSET_FORGET}, controls={"id": {0: OFFSET_CONTROLS[0], 1: []}})
+    with pytest.raises(KeyError, match="calibrated=False"):
+        claims.endpoints(missing)
 
 
 def test_endpoints_per_example_and_seed_with_censoring():

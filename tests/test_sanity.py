@@ -53,6 +53,14 @@ def test_controls_check_passes_when_the_interval_contains_zero_and_fails_otherwi
     assert not bool(c.loc["code", "passes"])
 
 
+def test_control_offsets_are_the_mean_raw_control_genex_per_kind_and_seed():
+    s = scores("id", {"c0": (LN(0.2), [LN(0.1), LN(0.3)]), "c1": (LN(0.4), [LN(0.2), LN(0.2)])}, [1, 4], [2, 3])
+    s2 = s[(s.role == "control") & (s.model_role == "original")].assign(seed=7, ll=lambda d: d.ll + LN(0.25))
+    o = sanity.control_offsets(pd.concat([s, s2])).set_index("seed")
+    # seed 0: controls at 0 and 1 bit -> 0.5; seed 7 is 4 times less likely on both (-2 bits) -> -1.5
+    assert o.mean_bits.tolist() == pytest.approx([0.5, -1.5]) and o.controls.tolist() == [2, 2]
+
+
 def test_reference_membership_check_on_hand_computed_aucs():
     # id: forget [1, 4] vs population [2, 3]: 2 of 4 pairs won -> AUC 0.5 under each reference: passes
     # code: forget [5, 6] vs population [1, 2]: every pair won -> AUC 1, every resample 1: fails

@@ -106,3 +106,13 @@ def test_a_forget_example_inside_the_noise_band_is_flagged():
     assert not flags.loc["f-trained", "flagged"] and flags.loc["f-never", "flagged"]
     text = study.never_trained_markdown(flags.reset_index(), {"custom": "custom: my sentences"})
     assert "custom: my sentences" in text and "1 of 2" in text and "f-never" in text
+
+
+def test_calibrated_flags_measure_each_seed_against_its_own_controls():
+    from test_claims import OFFSET_CONTROLS, study_table
+    t = study_table({"id": {0: [[-17.0] * 4, [-8.0] * 4], 1: [[3.0] * 4, [12.0] * 4]}},
+                    controls={"id": OFFSET_CONTROLS})
+    flags = study.never_trained_flags(t, calibrated=True).set_index("uid")
+    # offsets -18 and +2: id-0 is 1 bit above its controls under both seeds (inside the 3-bit floor), id-1 is 10
+    assert flags.genex_bits.tolist() == [1.0, 10.0] and flags.noise_floor_bits.tolist() == [3.0, 3.0]
+    assert flags.flagged.tolist() == [True, False]

@@ -121,6 +121,49 @@ def test_npo_gradient_at_start_is_the_summed_logprob_gradient(fresh):
         torch.testing.assert_close(npo_grad[n], p.grad, rtol=1e-4, atol=1e-6)
 
 
+def _one_step(fresh, **kw) -> dict:
+    """Weight change of one step on the five text rows (9 scored tokens each), the whole set in one batch."""
+    model = fresh()
+    before = weights(model)
+    Unlearner(model, FORGET[:5], STARTS[:5], settings(batch=5, **kw), BOS).run(1, lambda m, s: [])
+    return {n: p - before[n] for n, p in weights(model).items()}
+
+
+def test_npo_first_step_differs_from_ga_only_by_scale_which_adam_and_clipping_remove(fresh):
+    """At step 0 every NPO weight is 1, so NPO's gradient is GA's times the 9 scored tokens (sum vs mean). Plain SGD
+    shows that factor; a binding clip, or Adam (whose first step is lr * g / |g| per coordinate), removes it."""
+    plain = {"optimizer": "sgd", "grad_clip": 0.0, "lr": 0.1}        # steps far above float32 rounding
+    ga, npo = _one_step(fresh, **plain), _one_step(fresh, method="npo", **plain)
+    for n in ga:
+        torch.testing.assert_close(npo[n], 9.0 * ga[n], rtol=1e-3, atol=1e-6)
+    # relative size of the difference of the two updates: clipped SGD equal up to float32 rounding; Adam up to its
+    # eps (1e-8), which still counts on coordinates of this tiny model whose gradient is near 1e-7
+    for kw, tol in (({"optimizer": "sgd", "grad_clip": 1e-3, "lr": 100.0}, 1e-4),
+                    ({"optimizer": "adam", "grad_clip": 0.0}, 2e-2)):
+        ga, npo = _one_step(fresh, **kw), _one_step(fresh, method="npo", **kw)
+        diff = torch.sqrt(sum(((npo[n] - ga[n]) ** 2).sum() for n in ga))
+        assert diff / torch.sqrt(sum((ga[n] ** 2).sum() for n in ga)) < tol
+
+
+def test_npo_departs_from_ga_only_through_its_weights(fresh):
+    """Under Adam (blind to a constant scale, here unclipped), NPO with a vanishing beta (every weight stays 1: its
+    gradient is 9 times GA's at every step) follows GA's trajectory; with a large beta the weights of examples
+    already pushed down fade and the trajectory departs."""
+    w0 = weights(fresh())
+
+    def run(method, beta):
+        model = fresh()
+        Unlearner(model, FORGET[:5], STARTS[:5], settings(method=method, npo_beta=beta, batch=5, lr=3e-2, grad_clip=0.0),
+                  BOS).run(6, lambda m, s: [])
+        return weights(model)
+    ga, flat, sharp = run("ga", 0.5), run("npo", 1e-6), run("npo", 5.0)
+    moved = torch.sqrt(sum(((ga[n] - w0[n]) ** 2).sum() for n in ga))
+
+    def gap(w) -> float:            # distance to GA's weights relative to how far GA moved
+        return float(torch.sqrt(sum(((w[n] - ga[n]) ** 2).sum() for n in ga)) / moved)
+    assert gap(flat) < 0.1 and gap(sharp) > 0.5     # measured: 0.05 (Adam's eps, as above) and 0.85
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 def test_ga_raises_the_forget_loss(fresh):

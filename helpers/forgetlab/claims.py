@@ -2,9 +2,16 @@
 
 From the tidy table of :func:`forgetlab.engine.run_study` (per original seed, ``genex_seed_bits``):
 
-- **Endpoints** per forget example and original seed (:func:`endpoints`): steps until its GenEx falls below its
-  kind's noise floor (the 95th percentile of the never-trained controls' |GenEx| before unlearning), censored at
-  the last step when never reached; steps to remove 50% / 90% of its own initial GenEx.
+- **Calibration** (:func:`control_offsets`, :func:`calibrate`): an original seed may model a whole kind better or
+  worse than the reference ensemble does, which shifts the GenEx of *every* example of that kind under that seed,
+  trained on or not (in smoke, ID controls sit near -18 bits under one seed and +2 under another). So each example
+  is measured against the controls of its own kind and original seed: *calibrated GenEx* = GenEx minus the mean
+  step-0 GenEx of that (kind, seed)'s controls. This removes a seed-level offset; it does not remove the spread
+  between examples within a seed, nor any change of the offset during unlearning (the controls move too).
+- **Endpoints** per forget example and original seed (:func:`endpoints`), all on calibrated GenEx: steps until it
+  falls to or below its kind's noise floor (the 95th percentile of the controls' |calibrated GenEx| at step 0,
+  pooled over seeds, at least `minimum`), censored at the last step when never reached; steps to remove 50% / 90%
+  of its own initial calibrated GenEx (the exposure above its seed's never-trained level).
 - **Utility** per model and step (:func:`utility_table`): held-out loss (log of held-out perplexity), each OOD
   kind's never-trained population loss, and the *general loss*, their mean (all nats/token).
 - **Progress** per example (:func:`at_progress`): the utility the model had lost by the step at which the example
@@ -56,8 +63,8 @@ def default_claims(fraction: float = 0.5, utilities: Sequence[str] = ("heldout_l
                    ) -> list[Claim]:
     """C1 (two step endpoints), then C2 and C3 for each utility measure."""
     pct = f"{round(fraction * 100):d}%"
-    out = [Claim("C1", "OOD needs more steps to unlearn (GenEx below the controls' noise floor)", "steps_to_target",
-                 "censored", "negative", "steps"),
+    out = [Claim("C1", "OOD needs more steps to unlearn (calibrated GenEx to the controls' noise floor)",
+                 "steps_to_target", "censored", "negative", "steps"),
            Claim("C1", "OOD needs more steps to remove 50% of its initial GenEx", "steps_to_50pct",
                  "censored_50pct", "negative", "steps")]
     for u in utilities:
@@ -80,21 +87,53 @@ def per_seed(results: pd.DataFrame, metric: str = SEED_METRIC, roles: Sequence[s
     return df[["step", "seed", "uid", "role", "kind", "method", "value"]]
 
 
-def noise_floors(results: pd.DataFrame, metric: str = SEED_METRIC, quantile: float = 0.95,
-                 minimum: float = 0.0) -> dict[str, float]:
-    """Per kind: the `quantile` of the controls' |value| before unlearning (step 0, every original seed)."""
+def start_controls(results: pd.DataFrame, metric: str = SEED_METRIC) -> pd.DataFrame:
+    """The controls' rows before unlearning (first recorded step), one per kind x original seed x control."""
     ctl = per_seed(results, metric, ("control",))
-    ctl = ctl[ctl.step == ctl.step.min()].drop_duplicates(["kind", "seed", "uid"])  # step 0 is shared by methods
+    return ctl[ctl.step == ctl.step.min()].drop_duplicates(["kind", "seed", "uid"])  # step 0 is shared by methods
+
+
+def control_offsets(results: pd.DataFrame, metric: str = SEED_METRIC) -> pd.DataFrame:
+    """Per kind and original seed: ``offset``, the controls' mean value at step 0 (how much better, > 0, or
+    worse, < 0, that original models never-trained text of the kind than the references do), and ``controls``."""
+    return (start_controls(results, metric).groupby(["kind", "seed"], sort=False).value
+            .agg(offset="mean", controls="size").reset_index())
+
+
+def calibrate(rows: pd.DataFrame, offsets: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (kind, seed, value, ...) with ``value`` minus its (kind, seed) ``offset`` (kept as a column)."""
+    out = rows.drop(columns="offset", errors="ignore").merge(offsets[["kind", "seed", "offset"]],
+                                                             on=["kind", "seed"], how="left")
+    if out.offset.isna().any():
+        bad = sorted(set(map(tuple, out.loc[out.offset.isna(), ["kind", "seed"]].to_numpy().tolist())))
+        raise KeyError(f"no controls at step 0 for (kind, seed) {bad[:5]}: calibration needs control_size > 0 "
+                       "for every kind and original seed (or pass calibrated=False)")
+    return out.assign(value=out.value - out.offset)
+
+
+def noise_floors(results: pd.DataFrame, metric: str = SEED_METRIC, quantile: float = 0.95,
+                 minimum: float = 0.0, calibrated: bool = True) -> dict[str, float]:
+    """Per kind: the `quantile` of the controls' |value| at step 0, pooled over original seeds, at least
+    `minimum`; with `calibrated`, of their value minus their (kind, seed) mean (see :func:`calibrate`)."""
+    ctl = start_controls(results, metric)
+    if calibrated:
+        ctl = calibrate(ctl, control_offsets(results, metric))
     return {k: noise_floor_target(g.value, quantile, minimum) for k, g in ctl.groupby("kind", sort=False)}
 
 
 def endpoints(results: pd.DataFrame, metric: str = SEED_METRIC, floors: Mapping[str, float] | None = None,
-              fractions: Sequence[float] = (0.5, 0.9), quantile: float = 0.95) -> pd.DataFrame:
-    """Per forget example x original seed x method: initial, final, steps_to_target / censored (the kind's noise
-    floor, column target), steps_to_<p>pct / censored_<p>pct (see intervals.example_endpoints)."""
-    floors = dict(floors) if floors is not None else noise_floors(results, metric, quantile)
+              fractions: Sequence[float] = (0.5, 0.9), quantile: float = 0.95, minimum: float = 0.0,
+              calibrated: bool = True) -> pd.DataFrame:
+    """Per forget example x original seed x method: initial, final, steps_to_target / censored (first step at
+    or below the kind's noise floor, column target), steps_to_<p>pct / censored_<p>pct (see
+    intervals.example_endpoints) and the (kind, seed) ``offset`` subtracted (0 when not `calibrated`). Every
+    value is calibrated GenEx when `calibrated`; pass `floors` made with the same `calibrated`."""
+    floors = dict(floors) if floors is not None else noise_floors(results, metric, quantile, minimum, calibrated)
     rows = per_seed(results, metric)[["step", "value", *KEYS]]
-    out = example_endpoints(rows, floors, fractions, by=KEYS)
+    rows = calibrate(rows, control_offsets(results, metric)) if calibrated else rows.assign(offset=0.0)
+    # "at or below the floor" (|value| <= floor is within noise): strictly below the next float up
+    out = example_endpoints(rows, {k: float(np.nextafter(f, np.inf)) for k, f in floors.items()}, fractions,
+                            by=[*KEYS, "offset"])
     return out.assign(target=out.kind.map(floors))
 
 
@@ -138,14 +177,17 @@ def at_progress(results: pd.DataFrame, fraction: float = 0.5, utility: str = "ge
                 ends: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per forget example x seed x method: the step at which it had lost `fraction` of its initial GenEx
     (``progress_step``; its last step when censored), bits removed by then, the utility lost by then and
-    ``utility_lost_per_bit`` (NaN when nothing was removed or initial GenEx <= 0)."""
+    ``utility_lost_per_bit`` (NaN when nothing was removed or initial GenEx <= 0). GenEx is calibrated as in
+    `ends` (default :func:`endpoints`: calibrated); the bits removed do not depend on it."""
     name = f"{round(fraction * 100):d}pct"
     ends = ends if ends is not None else endpoints(results, fractions=(fraction,))
-    e = ends[[*KEYS, "initial", f"steps_to_{name}", f"censored_{name}"]].rename(
+    ends = ends if "offset" in ends else ends.assign(offset=0.0)
+    e = ends[[*KEYS, "offset", "initial", f"steps_to_{name}", f"censored_{name}"]].rename(
         columns={f"steps_to_{name}": "progress_step", f"censored_{name}": "progress_censored"})
     e = e[e.progress_step.notna()]
     g = per_seed(results)[["step", "value", *KEYS]].rename(columns={"step": "progress_step", "value": "genex_then"})
     out = e.merge(g, on=[*KEYS, "progress_step"], how="left")
+    out["genex_then"] = out.genex_then - out.offset
     lost = utility_lost(results, utility).rename(columns={"step": "progress_step"})
     out = out.merge(lost, on=["kind", "method", "seed", "progress_step"], how="left")
     out["removed_bits"] = out.initial - out.genex_then
@@ -162,11 +204,13 @@ def _arm(iv: Interval, prefix: str) -> dict:
 
 def claims_table(results: pd.DataFrame, method: str = "ga", utilities: Sequence[str] = ("heldout_loss", "general_loss"),
                  fraction: float = 0.5, id_kind: str = "id", resamples: int = 1000, rng_seed: int = 0,
-                 claims: Sequence[Claim] | None = None) -> pd.DataFrame:
+                 claims: Sequence[Claim] | None = None, minimum: float = 0.0, calibrated: bool = True
+                 ) -> pd.DataFrame:
     """One row per claim x OOD kind for `method`: each arm's mean with its interval, ID minus OOD (estimate,
     low, high: a paired hierarchical bootstrap over original seeds, then examples), the verdict, the share
     of censored examples per arm and, for step endpoints, the median-survival difference with its interval.
-    C2 and C3 come once per utility measure in `utilities`.
+    C2 and C3 come once per utility measure in `utilities`. Endpoints read calibrated GenEx and a noise floor of at
+    least `minimum` bits (see :func:`endpoints`).
 
     Empty when the run has no `id_kind` forget set or not this method.
     """
@@ -174,7 +218,7 @@ def claims_table(results: pd.DataFrame, method: str = "ga", utilities: Sequence[
     res = results[results.method == method]
     if res.empty or id_kind not in set(res.kind):
         return pd.DataFrame()
-    table = endpoints(res, fractions=sorted({0.5, 0.9, fraction}))
+    table = endpoints(res, fractions=sorted({0.5, 0.9, fraction}), minimum=minimum, calibrated=calibrated)
     for u in sorted({c.utility for c in claims if c.utility}):
         prog = at_progress(res, fraction, u, table)[[*KEYS, "utility_lost", "utility_lost_per_bit"]]
         table = table.merge(prog.rename(columns={m: f"{m}@{u}" for m in ("utility_lost", "utility_lost_per_bit")}),
@@ -272,9 +316,11 @@ def endpoint_summary(ends: pd.DataFrame, resamples: int = 1000, rng_seed: int = 
 
 # ---- utility lost against forgetting progress (C2 curves) -------------------------------------------
 
-def _progress_arrays(results: pd.DataFrame, kind: str, method: str, utilities: Sequence[str]):
+def _progress_arrays(results: pd.DataFrame, kind: str, method: str, utilities: Sequence[str], calibrated: bool):
     """Per original seed: capped fraction removed [examples, steps] and utility lost [utilities, steps]."""
     g = per_seed(results[(results.kind == kind) & (results.method == method)])
+    if calibrated:
+        g = calibrate(g, control_offsets(results[results.kind == kind]))
     lost = {u: utility_lost(results[(results.kind == kind) & (results.method == method)], u) for u in utilities}
     out = []
     for seed, gs in g.groupby("seed", sort=True):
@@ -297,11 +343,12 @@ def _curve_at(frac: np.ndarray, u: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def progress_curves(results: pd.DataFrame, utilities: Sequence[str] = ("general_loss",), grid=None,
-                    resamples: int = 1000, rng_seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+                    resamples: int = 1000, rng_seed: int = 0, level: float = 0.95, calibrated: bool = True
+                    ) -> pd.DataFrame:
     """Utility lost against the fraction of initial GenEx removed, per kind and method, with a band.
 
-    Per example the fraction removed is 1 - GenEx(t) / GenEx(0), capped at 1 (an over-unlearned example cannot
-    offset one still exposed); examples with GenEx(0) <= 0 are left out. Per seed, the mean over examples (its
+    Per example the fraction removed is 1 - GenEx(t) / GenEx(0) (calibrated GenEx, as the endpoints; raw with
+    ``calibrated=False``), capped at 1 (an over-unlearned example cannot offset one still exposed); examples with GenEx(0) <= 0 are left out. Per seed, the mean over examples (its
     running maximum) is matched to the utility lost at the same step by linear interpolation; the curve is the
     mean over seeds. The band resamples seeds, then examples within them (95%, percentile); it is left out
     (NaN) where the run did not get that far. Columns: kind, method, utility, fraction, utility_lost, low, high.
@@ -311,7 +358,7 @@ def progress_curves(results: pd.DataFrame, utilities: Sequence[str] = ("general_
     a = (1.0 - level) / 2.0
     frames = []
     for (kind, method), _ in results[results.metric == SEED_METRIC].groupby(["kind", "method"], sort=False):
-        seeds = _progress_arrays(results, kind, method, utilities)
+        seeds = _progress_arrays(results, kind, method, utilities, calibrated)
         if not seeds:
             continue
         point = np.mean([_curve_at(f, u, grid) for f, u in seeds], axis=0)

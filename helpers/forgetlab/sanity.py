@@ -61,6 +61,16 @@ def control_genex(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["kind", "seed", "uid", "value"])
 
 
+def control_offsets(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per kind and original seed: the controls' mean GenEx before unlearning (``mean_bits``) and their number.
+
+    This is the seed-level offset that the study's endpoints remove (:func:`forgetlab.claims.calibrate`): how
+    much better (> 0) or worse (< 0) that original models never-trained text of the kind than the reference
+    ensemble does. Check 1 below stays on raw GenEx: it is the check that shows the offset."""
+    return (control_genex(scores).groupby(["kind", "seed"], sort=False).value
+            .agg(mean_bits="mean", controls="size").reset_index())
+
+
 def controls_check(scores: pd.DataFrame, resamples: int = 1000, rng_seed: int = 0, level: float = LEVEL
                    ) -> pd.DataFrame:
     """Check 1 per kind: mean control GenEx (bits) with its interval over original seeds, then controls;

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics
+from . import claims as claim_tables, metrics
 from .intervals import noise_floor_target
 
 
@@ -135,14 +135,20 @@ def claims_markdown(table: pd.DataFrame, method: str = "ga", labels: dict[str, s
     return "\n".join(lines)
 
 
-def never_trained_flags(table: pd.DataFrame, quantile: float = 0.95, minimum: float = 0.0) -> pd.DataFrame:
+def never_trained_flags(table: pd.DataFrame, quantile: float = 0.95, minimum: float = 0.0,
+                        calibrated: bool = False) -> pd.DataFrame:
     """Forget examples whose GenEx before unlearning lies inside the never-trained controls' noise band.
 
     Such an example looks as if the model never trained on it (a user's sentence that was not in the data, or one
     seen too rarely to be memorized): unlearning it is not meaningful and the notebooks say so instead of
     reporting it as unlearned. One row per kind and forget example: ``genex_bits`` at step 0, the kind's
     ``noise_floor_bits`` (the `quantile` of the controls' |GenEx| at step 0, at least `minimum`) and ``flagged``.
+    With `calibrated`, both read per-original-seed GenEx minus its (kind, seed) controls' mean, the same noise
+    floor as the study's endpoints (:func:`forgetlab.claims.noise_floors`); ``genex_bits`` is then the example's
+    mean calibrated GenEx over seeds.
     """
+    if calibrated:
+        return _calibrated_flags(table, quantile, minimum)
     start = table[(table.step == 0) & (table.metric == "genex_bits")].drop_duplicates(["kind", "uid"])
     rows = []
     for kind, g in start.groupby("kind", sort=False):
@@ -152,6 +158,17 @@ def never_trained_flags(table: pd.DataFrame, quantile: float = 0.95, minimum: fl
             rows.append({"kind": kind, "uid": r.uid, "genex_bits": r.value, "noise_floor_bits": floor,
                          "flagged": bool(np.isfinite(floor) and abs(r.value) <= floor)})
     return pd.DataFrame(rows, columns=["kind", "uid", "genex_bits", "noise_floor_bits", "flagged"])
+
+
+def _calibrated_flags(table: pd.DataFrame, quantile: float, minimum: float) -> pd.DataFrame:
+    floors = claim_tables.noise_floors(table, quantile=quantile, minimum=minimum)
+    start = claim_tables.per_seed(table)
+    start = start[start.step == start.step.min()].drop_duplicates(["kind", "seed", "uid"])
+    start = claim_tables.calibrate(start, claim_tables.control_offsets(table))
+    mean = start.groupby(["kind", "uid"], sort=False).value.mean().reset_index()
+    out = mean.assign(noise_floor_bits=mean.kind.map(floors)).rename(columns={"value": "genex_bits"})
+    out["flagged"] = out.genex_bits.abs() <= out.noise_floor_bits
+    return out[["kind", "uid", "genex_bits", "noise_floor_bits", "flagged"]]
 
 
 def never_trained_markdown(flags: pd.DataFrame, labels: dict[str, str] | None = None) -> str:

@@ -122,7 +122,10 @@ SCHEMA: dict[str, Spec] = {
         "original_seeds": _seed_list("one original model per seed (data includes the forget sets)"),
         "reference_seeds": _seed_list("one reference model per seed (same data without the forget sets)"),
         "methods": _subset(METHODS, "unlearning methods to compare"),
-        "llm_reference_seeds": _seed_list("one reference model per seed (the original uses seed)"),
+        "llm_original_seeds": _seed_list("one fine-tuned original LLM per seed (its own fine-tuning order), each "
+                                         "unlearned on its own; several give intervals over seeds"),
+        "llm_reference_seeds": _seed_list("one fine-tuned reference LLM per seed (without the forget sets; "
+                                          "their twins in their place under reference_data: twins)"),
         "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
         "dose_insertions": Spec(list, lambda v: 0 < len(v) <= 12 and all(type(x) is int and 1 <= x <= 10_000 for x in v)
                                 and len(set(v)) == len(v), "a non-empty list of at most 12 distinct integers >= 1 and "
@@ -190,6 +193,15 @@ SCHEMA: dict[str, Spec] = {
         "batch_size": _int(1, 4096),
         "learning_rate": _float(0, 1, strict_lo=True),
         "warmup_steps": _int(0, 1_000_000),
+        "models_from": _choice(("base", "scratch"), "base (new design): one base model pretrained on the training "
+                               "plays, each original and reference fine-tuned from it; scratch (legacy): every "
+                               "model trained from scratch on the whole stream plus its inserted rows"),
+        "finetune_epochs": _float(0, 1000, strict_lo=True, help="passes over each model's fine-tuning rows (its "
+                                  "inserted rows plus the replay sample; models_from: base)"),
+        "finetune_replay_rows": _int(0, 10_000_000, "training-stream rows replayed in every model's fine-tuning "
+                                     "(the same rows for all; all of the stream if it is shorter; models_from: base)"),
+        "finetune_lr": _float(0, 1, strict_lo=True, help="peak fine-tuning learning rate, no warmup, cosine decay "
+                              "(models_from: base)"),
     }),
     **_section("unlearning", {
         "unlearn_lr": _float(0, 1, strict_lo=True),
@@ -231,7 +243,10 @@ SCHEMA: dict[str, Spec] = {
                                     "non-members)", SIZE),
         "llm_utility_rows": _int(1, 100_000, "held-out English windows scored for held-out perplexity at each "
                                  "recorded step", SIZE),
-        "llm_insertions": _int(1, 10_000, "times each forget example is in the original model's fine-tuning data"),
+        "llm_insertions": _int(1, 10_000, "times each English and other-language forget example is in the original "
+                               "model's fine-tuning data (canaries: llm_canary_insertions)"),
+        "llm_canary_insertions": _int(1, 10_000, "times each canary forget example (and its twin) is in the "
+                                      "fine-tuning data; the exposure of 4-digit canaries needs more than text"),
         "llm_background_insertions": _int(1, 10_000, "times each background example is in both models' data"),
         "llm_example_tokens": _int(8, 2048, "token length of every text example (the LLM's own tokenizer)",
                                    "SmolLM2-135M's context is 2048 tokens"),

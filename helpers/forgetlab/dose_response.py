@@ -8,7 +8,7 @@ then compares kinds at matched initial GenEx.
    controls, and a never-trained population, none of them in the study's example table. ID windows come from the
    held-out plays (never seen by the base model; clear of the rows utility is measured on), other-language and code
    windows from the study's sources, canaries with unused secrets. Text kinds all have ``example_tokens`` tokens.
-2. **Models** (:func:`get_dose_models`): per count c, the base model (the run's first reference model) fine-tuned on
+2. **Models** (:func:`get_dose_models`): per count c, the run's base model (``mem_models.get_base_model``) fine-tuned on
    a shared sample of training rows plus every kind's forget examples c times (the original at count c); the
    reference is the same fine-tuning with each forget example's twin in its place, as often. The twins are drawn
    fresh with the forget examples, so they exist whatever ``reference_data`` says: original and reference take the

@@ -3,7 +3,7 @@ then unlearned through the study engine.
 
 1. A :class:`LabRequest` (text, kind, insertions) is checked by :func:`lab_example` against the run's tokenizer
    and model: every bad input raises :class:`LabInputError` with a message that names the fix.
-2. :func:`build_lab` fine-tunes two copies of the run's first reference model (it never saw the forget sets):
+2. :func:`build_lab` fine-tunes two copies of the run's pretrained base model (it never saw the forget sets):
    the *original* on a seeded sample of shared training rows plus the user's example ``insertions`` times, the
    *reference* on the same rows plus, in its place, a never-used **twin** of the same kind and token length (a
    held-out window, or a canary with another secret), as often: both take the same steps with the same seed and
@@ -308,7 +308,7 @@ def build_lab(p: dict, request: LabRequest, cache: ArtifactCache | None = None, 
         data = replace(data, canary_template=p["canary_template"])
     ex = lab_example(p, data, request)
     examples = peer_examples(p, data, ex)
-    say(1, 4, "loading the cached base model (the run's first reference model)")
+    say(1, 4, "loading the cached base model (notebook 02)")
     base = get_base_model(p, data, cache)
     base_key = model_key(p, data, base.role, base.seed)
     if not request.insert:

@@ -1,6 +1,6 @@
 """The memorization study, step 2: subset models, each fine-tuned from one base on its half of the pool.
 
-One base model trained without the pool (notebook 02's first reference model) is fine-tuned ``mem_models``
+One base model trained without the pool (notebook 02's pretrained base) is fine-tuned ``mem_models``
 times, each time on one half of the pool (every example ``insertions`` times, as in the main study) mixed with
 the same sample of shared training rows, so the models do not drift. All subset models use the same
 fine-tuning seed (same batch order): they differ only in which half they saw. Each model is cached under a
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .cache import ArtifactCache, cache_key, code_version
 from .config import params_in
-from .experiment import TrainedModel, config_for, get_model, model_key
+from .experiment import TrainedModel, config_for, get_base, get_model, model_key
 from .forget_sets import StudyData, pad_rows
 from .mem_pool import POOL_SEED_OFFSET, MemorizationInputError
 from .models import model_from_tensors, pick_device, seed_everything
@@ -82,7 +82,10 @@ class SubsetModel:
 
 
 def get_base_model(p: dict, data: StudyData, cache: ArtifactCache | None = None) -> TrainedModel:
-    """The base of every subset model: notebook 02's first reference model (never saw the pool or forget sets)."""
+    """The base of every subset, dose and lab model: the run's pretrained base (notebook 02; it never saw a pool,
+    forget, twin or background example), or under ``models_from: scratch`` the first reference model."""
+    if p["models_from"] == "base":
+        return get_base(p, data, cache)
     return get_model(p, data, "reference", p["reference_seeds"][0], cache)
 
 

@@ -477,3 +477,121 @@ def test_frozen_prefix_cache_starts_over_when_full():
         again = model(input_ids=torch.cat([ids[:2], ids[:2], ids[2:]])).logits   # duplicates; more than fits
     assert len(pc.store) == 4 and torch.allclose(again[4:], plain[2:], atol=1e-6)
     assert torch.allclose(again[:2], plain[:2], atol=1e-6) and torch.equal(again[:2], again[2:4])
+
+
+# ---------------------------------------------------------------- several original seeds, canary insertions, fast paths
+
+def _tiny_llama(layers=3, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+def test_llama_trie_gives_every_candidate_as_full_scoring():
+    from forgetlab.llm_trie import LlamaCandidateTrie
+    model = _tiny_llama()
+    prefix, digit_ids = [0, 17, 3, 25], list(range(5, 15))
+    with pytest.raises(ValueError, match="freeze"):
+        LlamaCandidateTrie(model, prefix, digit_ids, 2, n_frozen=1)
+    llm_finetune.freeze_except(model, llm_finetune.trainable_names(model, 2))
+    for digits in (1, 2, 3):
+        full = canaries.candidate_logprobs_full(model, prefix, digit_ids, digits)
+        for n_frozen in (0, 1):
+            trie = LlamaCandidateTrie(model, prefix, digit_ids, digits, n_frozen)
+            got = trie(model)
+            assert got.shape == (10 ** digits,) and got.dtype == np.float64
+            np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)
+            assert trie.token_count() == len(prefix) + sum(10 ** k for k in range(1, digits))
+    # The frozen block's output is kept; the trained blocks are rerun at every call, at their current weights.
+    trie = LlamaCandidateTrie(model, prefix, digit_ids, 3, n_frozen=1)
+    trie(model)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(3.0)
+        model.model.norm.weight.add_(0.5)
+    np.testing.assert_allclose(trie(model), canaries.candidate_logprobs_full(model, prefix, digit_ids, 3),
+                               rtol=0, atol=1e-5)
+    # Probabilities of the ten digits after one path sum to at most 1 (other tokens take the rest).
+    assert np.exp(LlamaCandidateTrie(model, prefix, digit_ids, 1)(model)).sum() <= 1 + 1e-6
+
+
+def test_scored_only_finetune_loss_equals_the_models_own_loss_and_gradients():
+    model = _tiny_llama(layers=2)
+    llm_finetune.freeze_except(model, llm_finetune.trainable_names(model, 1))
+    from forgetlab.forget_sets import pad_rows
+    rows = [[0, 5, 6, 7, 8, 9, 10, 11], [0, 12, 13], [0, 30, 31, 32, 33]]      # right-padded to 8 in one batch
+    ids, labels = (torch.from_numpy(a) for a in pad_rows(rows, 8, 0))
+    model.train()
+    grads = []
+    for scored_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = llm_finetune.finetune_loss(model, ids, labels, scored_only)
+        loss.backward()
+        grads.append((loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    (full, g_full), (scored, g_scored) = grads
+    # Hand check: the mean NLL over the 7 + 2 + 4 = 13 labelled next tokens.
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+    nll = [-logp[r, t - 1, ids[r, t]].item() for r, row in enumerate(rows) for t in range(1, len(row))]
+    assert len(nll) == 13 and scored == pytest.approx(sum(nll) / 13, rel=1e-5) and scored == pytest.approx(full, rel=1e-6)
+    assert set(g_full) == set(g_scored)
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_scored[n], atol=1e-6), n
+
+
+def test_canaries_have_their_own_insertion_count(tiny_setup):
+    p, tok = tiny_setup["p"], tiny_setup["tok"]
+    data = ld.build_llm_data(dict(p, llm_canary_insertions=13), tok, *tiny_setup["texts"])
+    assert data.fingerprint() != tiny_setup["data"].fingerprint()
+    for role, kinds_role in (("original", "forget"), ("reference", "twin")):
+        _, _, uids = llm_finetune.finetune_rows(data, role)
+        for kind, times in (("id", p["llm_insertions"]), ("language", p["llm_insertions"]), ("canary", 13)):
+            uid = data.select(kind, kinds_role).uid.iloc[0]
+            assert uids.count(uid) == times, (role, kind)
+        bg = data.select("canary", "background").uid.iloc[0]
+        assert uids.count(bg) == p["llm_background_insertions"]
+    table = ld.summary_table(data).set_index(["kind", "role"])
+    assert table.loc[("canary", "forget"), "in_original"] == 13 and table.loc[("canary", "twin"), "in_reference"] == 13
+    assert table.loc[("id", "forget"), "in_original"] == p["llm_insertions"]
+    # Original and twin reference fine-tune on as many rows.
+    assert len(llm_finetune.finetune_rows(data, "original")[0]) == len(llm_finetune.finetune_rows(data, "reference")[0])
+
+
+@pytest.mark.slow
+def test_several_original_seeds_each_their_own_fine_tune_and_trajectory(tiny_setup):
+    import copy
+    p = dict(tiny_setup["p"], llm_original_seeds=[0, 5], llm_reference_seeds=[0, 1], llm_methods=["ga"],
+             llm_unlearn_steps=2)
+    data, cache = tiny_setup["data"], tiny_setup["cache"]
+    models = llm_finetune.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base", cache)
+    assert models.seeds == [0, 5] and set(models.references) == {0, 1} and len(models.table()) == 4
+    name = models.trainable[0]
+    assert not torch.equal(models.originals[0][name], models.originals[5][name])    # another fine-tuning order
+    backend = backend_smollm.SmolLM2(p, data, models)
+    assert backend.original_seeds == [0, 5]
+    with pytest.raises(ValueError, match="llm_original_seeds"):
+        backend.original(7)
+    table = engine.run_study(backend, cache, kinds=["canary"])
+    assert set(table.seed) == {-1, 0, 5}
+    # Step 0 of each seed is that seed's fine-tuned model.
+    row = data.examples[data.examples.uid == data.select("canary", "forget").uid.iloc[0]]
+    for seed in (0, 5):
+        ll = table[(table.metric == "ll") & (table.uid == row.uid.iloc[0]) & (table.step == 0) & (table.seed == seed)]
+        expected = metrics.example_logprobs(models.use(models.originals[seed]), row)[0]
+        assert ll.value.iloc[0] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    seed_genex = table[(table.metric == "genex_seed_bits") & (table.step == 0)]
+    assert set(seed_genex.seed) == {0, 5}
+    # Exact exposure (the trie) is there for both seeds at step 0 and the last step.
+    exact = table[table.metric == "exposure_exact_bits"]
+    assert set(exact.seed) == {0, 5} and set(exact.step) == {0, 2}
+    # The trie and the path scorer of before give the same candidates on the fine-tuned model.
+    model = models.use(models.originals[5])
+    d = data
+    np.testing.assert_allclose(backend.candidate_logprobs(model),
+                               canaries.candidate_logprobs_full(model, d.canary_prefix, d.digit_ids, d.canary_digits),
+                               rtol=0, atol=1e-4)
+    models.use(models.original)

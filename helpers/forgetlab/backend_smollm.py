@@ -1,8 +1,11 @@
 """The SmolLM2-135M backend of the study engine (notebook 06): a pretrained LLM fine-tuned with the forget sets.
 
-A real LLM comes pretrained, so the *original* is the pretrained model fine-tuned on a small training set that
-holds the forget sets, and each *reference* the same fine-tuning without them (:mod:`forgetlab.llm_finetune`).
-The models differ only in their last blocks, so one working copy is kept and each model's tensors are swapped in.
+A real LLM comes pretrained, so each *original* (one per ``llm_original_seeds``) is the pretrained model fine-tuned
+on a small training set that holds the forget sets, and each *reference* the same fine-tuning with their twins
+instead (:mod:`forgetlab.llm_finetune`). The models differ only in their last blocks, so one working copy is kept
+and each model's tensors are swapped in. Exact canary exposure scores the candidates as a digit trie
+(:mod:`forgetlab.llm_trie`); ``fast=False`` keeps the paths of before (shared-last-digit candidates, full-logits
+reference scoring) for benchmarks/bench_llm.py.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from .config import METHODS
 from .engine import ForgetSetView
 from .llm_data import KINDS, LLMStudyData, build_llm_data, llm_kind_labels
 from .llm_finetune import EVAL_BATCH, LLMModels, get_llm_models
+from .llm_trie import LlamaCandidateTrie
 from .scoring import mean_token_loss, score_rows
 from .unlearning import UnlearnSettings
 
@@ -76,26 +80,28 @@ class SmolLM2:
     name = "smollm2-135m"
     kinds = KINDS
 
-    def __init__(self, p: dict, data: LLMStudyData, models: LLMModels, tokenizer=None):
+    def __init__(self, p: dict, data: LLMStudyData, models: LLMModels, tokenizer=None, fast: bool = True):
         unknown = [m for m in p["llm_methods"] if m not in METHODS]
         if unknown:
             raise ValueError(f"llm_methods has unknown methods {unknown}: use {', '.join(METHODS)}")
-        self.p, self.data, self.models, self.tokenizer = p, data, models, tokenizer
+        self.p, self.data, self.models, self.tokenizer, self.fast = p, data, models, tokenizer, fast
         self.labels = llm_kind_labels(p)
         self.methods = tuple(p["llm_methods"])
-        self.original_seeds = [models.seed]
+        self.original_seeds = models.seeds
         self.pad_id = data.start_id
         self.retain_rows = data.retain_rows
         self.target_bits = p["llm_target_bits"]
+        self._trie: LlamaCandidateTrie | None = None
 
     @classmethod
-    def build(cls, p: dict, device: str | torch.device = "cpu", cache: ArtifactCache | None = None) -> "SmolLM2":
+    def build(cls, p: dict, device: str | torch.device = "cpu", cache: ArtifactCache | None = None,
+              fast: bool = True) -> "SmolLM2":
         """Load SmolLM2 (converted once from its GGUF), build the forget sets, fine-tune (or load) the models."""
         from . import llm
         model, tokenizer = llm.load_smollm(cache, device=device)
         data = build_llm_data(p, tokenizer)
         models = get_llm_models(p, data, model, llm.llm_key(llm.gguf_path()), cache)
-        return cls(p, data, models, tokenizer)
+        return cls(p, data, models, tokenizer, fast)
 
     def settings(self, method: str) -> UnlearnSettings:
         return unlearn_settings(self.p, method)
@@ -104,7 +110,10 @@ class SmolLM2:
         return ForgetSetView.build(self.data.examples, kind, self.kinds)
 
     def original(self, seed: int) -> torch.nn.Module:
-        return self.models.use(self.models.original)
+        if seed not in self.models.originals:
+            raise ValueError(f"no fine-tuned original with seed {seed}: the seeds are {self.models.seeds} "
+                             f"(llm_original_seeds)")
+        return self.models.use(self.models.originals[seed])
 
     def release(self, model: torch.nn.Module) -> None:
         self.models.use(self.models.original)
@@ -115,16 +124,27 @@ class SmolLM2:
         out = []
         for seed in sorted(self.models.references):
             self.models.use(self.models.references[seed])
-            out.append(metrics.example_logprobs(self.models.model, examples, batch_size=EVAL_BATCH))
+            out.append(self.example_logprobs(self.models.model, examples))
         self.models.use(self.models.original)
         return np.stack(out)
 
     def example_logprobs(self, model: torch.nn.Module, examples: pd.DataFrame) -> np.ndarray:
-        return metrics.example_logprobs(model, examples, batch_size=EVAL_BATCH)
+        """ll of each example's scored tokens: :func:`forgetlab.scoring.score_rows` (``fast``: the head only at
+        scored positions, as ``step_scores`` scores the unlearned models), else padded batches of full logits."""
+        if not self.fast:
+            return metrics.example_logprobs(model, examples, batch_size=EVAL_BATCH)
+        return score_rows(model, [list(map(int, i)) for i in examples.ids], [int(s) for s in examples.score_start])
 
     def candidate_logprobs(self, model: torch.nn.Module) -> np.ndarray:
+        """ll of every canary candidate: the digit trie over the trained blocks (``fast``), else every
+        (digits-1)-digit path through the whole model."""
         d = self.data
-        return canaries.candidate_logprobs(model, d.canary_prefix, d.digit_ids, d.canary_digits)
+        if not self.fast or type(model).__name__ != "LlamaForCausalLM":
+            return canaries.candidate_logprobs(model, d.canary_prefix, d.digit_ids, d.canary_digits)
+        if self._trie is None:
+            n_frozen = len(model.model.layers) - self.p["llm_train_layers"]
+            self._trie = LlamaCandidateTrie(model, d.canary_prefix, d.digit_ids, d.canary_digits, n_frozen)
+        return self._trie(model)
 
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
@@ -135,5 +155,15 @@ class SmolLM2:
 
     def key(self, seed: int) -> str:
         original = self.models.meta[f"original (seed {seed})"]["key"]
-        return cache_key(self.name, code_version("backend_smollm"), original, self.data.fingerprint(),
-                         params_in(self.p, "run", "unlearning", "llm_unlearning"), EVAL_BATCH)
+        return cache_key(self.name, code_version("backend_smollm", "llm_trie"), original, self.data.fingerprint(),
+                         params_in(self.p, "run", "unlearning", "llm_unlearning"), EVAL_BATCH,
+                         *(() if getattr(self, "fast", True) else ("paths before the trie",)))
+
+
+def canary_exposure_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Exact exposure (bits) of the forget canaries before unlearning, per original seed: mean, min and max over the
+    canaries (at most log2(10**digits) bits: the secret ranks first among every candidate)."""
+    t = results[(results.step == 0) & (results.metric == "exposure_exact_bits") & (results.role == "forget")]
+    t = t.drop_duplicates(["uid", "seed"])               # step 0 is the same model for every method
+    return (t.groupby("seed").value.agg(["mean", "min", "max"]).rename(columns=lambda c: f"{c}_exposure_bits")
+            .reset_index().rename(columns={"seed": "original_seed"}))

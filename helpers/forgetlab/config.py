@@ -216,7 +216,7 @@ SCHEMA: dict[str, Spec] = {
     }),
     **_section("memorization", {
         "mem_pool_size": _int(4, 100_000, "candidate pool for counterfactual memorization (mixes ID and OOD)", SIZE),
-        "mem_models": _int(2, 1000, "models each trained on a random half of the pool", "each is a training run"),
+        "mem_models": _int(4, 1000, "models each trained on a random half of the pool (even: complementary pairs, set A for memorization and set B for difficulty)", "each is a training run"),
         "mem_finetune_epochs": _float(0, 1000, strict_lo=True),
         "mem_group_size": _int(1, 10_000, "pool examples unlearned together"),
         "mem_unlearn_steps": _int(1, 100_000, why=STEPS),

@@ -1,6 +1,7 @@
 """Data of the LLM study (notebook 06): SmolLM2's forget sets, their peers and the token rows.
 
-Forget sets, one per kind (every one inserted ``llm_insertions`` times into the original's data):
+Forget sets, one per kind (inserted ``llm_insertions`` times into the original's data, canaries
+``llm_canary_insertions`` times: four random digits need more repetitions than a text to be exposed):
 
 - ``id``: windows of English text (the kind of text SmolLM2 was trained on), cut from the training documents;
 - ``canary``: ``canary_template`` (by default ``My secret number is {secret}``), tokenized by the model's tokenizer,
@@ -32,7 +33,7 @@ from .config import METHODS
 from .data import language_parts, lowresource_texts, token_windows
 from .forget_sets import (_LANGUAGE_NAMES, CANARY_TEMPLATE, ExampleTable, dedupe_windows, example_record,
                           role_counts, template_prefix, unused_values)
-from .roles import role_insertions
+from .roles import MODEL_ROLES, inserted_examples
 
 KINDS = ("id", "canary", "language")
 KIND_LABELS = {"id": "ID (English)", "canary": "OOD: canaries", "language": "OOD: Persian"}   # the legacy labels
@@ -97,6 +98,7 @@ class LLMStudyData(ExampleTable):
     insertions: int
     background_insertions: int
     sources: dict = field(default_factory=dict)
+    canary_insertions: int | None = None      # times a canary forget example (or its twin) is inserted; None: insertions
 
     def fingerprint(self) -> str:
         """Hash of everything a model fine-tuned on this data depends on."""
@@ -105,7 +107,20 @@ class LLMStudyData(ExampleTable):
         for ids, role, kind in zip(self.examples.ids, self.examples.role, self.examples.kind):
             h.update(f"{kind}:{role}:{list(ids)}".encode())
         h.update(f"{self.insertions}/{self.background_insertions}/{self.start_id}".encode())
+        if self.canary_insertions not in (None, self.insertions):
+            h.update(f"canaries {self.canary_insertions}".encode())
         return h.hexdigest()[:16]
+
+    def inserted(self, model_role: str) -> list[tuple[str, int]]:
+        """(uid, times) of the examples in ``model_role``'s fine-tuning data, in table order: those of
+        :func:`forgetlab.roles.inserted_examples`, with canary forget examples and their twins ``canary_insertions``
+        times."""
+        canaries = self.canary_insertions if self.canary_insertions is not None else self.insertions
+        ex = self.examples
+        kind_of, role_of = dict(zip(ex.uid, ex.kind)), dict(zip(ex.uid, ex.role))
+        return [(uid, canaries if kind_of[uid] == "canary" and role_of[uid] != "background" else times)
+                for uid, times in inserted_examples(self.examples, model_role, self.insertions,
+                                                    self.background_insertions)]
 
     def retain_sample(self, n: int) -> np.ndarray:
         """A fixed sample of ``n`` shared training windows (in order), for the retain loss."""
@@ -242,7 +257,7 @@ def build_llm_data(p: dict, tokenizer, english: list[str] | None = None,
                "english_windows": len(held) + len(train), "lowresource_documents": len(lowresource),
                "lowresource_windows": len(lang)}
     return LLMStudyData(examples, retain_rows, heldout_rows, start, prefix, digit_ids, digits, p["llm_insertions"],
-                        p["llm_background_insertions"], sources)
+                        p["llm_background_insertions"], sources, p["llm_canary_insertions"])
 
 
 def llm_kind_labels(p: dict) -> dict[str, str]:
@@ -253,7 +268,9 @@ def llm_kind_labels(p: dict) -> dict[str, str]:
 
 def summary_table(data: LLMStudyData) -> pd.DataFrame:
     """Per kind and role: examples, tokens, scored tokens, and how often each is in each model's data."""
-    df = role_insertions(data.examples, data.insertions, data.background_insertions)
+    times = {m: dict(data.inserted(m)) for m in MODEL_ROLES}
+    df = data.examples.assign(in_original=data.examples.uid.map(times["original"]).fillna(0).astype(int),
+                              in_reference=data.examples.uid.map(times["reference"]).fillna(0).astype(int))
     table = (df.groupby(["kind", "role"], sort=False)
              .agg(examples=("uid", "size"), tokens=("n_tokens", "mean"), scored_tokens=("n_scored", "mean"),
                   in_original=("in_original", "first"), in_reference=("in_reference", "first"))

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import ArtifactCache, cache_key, code_version
 from .config import params_in
-from .forget_sets import pad_rows
-from .roles import inserted_examples
+from .forget_sets import IGNORE, pad_rows
 from .llm_data import LLMStudyData, LLMStudyError, check_llm_params
 from .models import seed_everything
 from .scoring import mean_token_loss
@@ -34,7 +34,7 @@ def finetune_rows(data: LLMStudyData, model_role: str = "original") -> tuple[lis
     """One model's fine-tuning rows in a fixed order: (sequences, forget-slot mask, uid per row).
 
     Shared English windows once each, background examples ``background_insertions`` times, and in the forget slots
-    the forget examples ``insertions`` times (the original) or, under ``reference_data: twins``, the twin of the same
+    the forget examples ``insertions`` times (canaries ``canary_insertions`` times: the original) or, under ``reference_data: twins``, the twin of the same
     kind and number at the same rows (the reference): both then fine-tune on as many rows, in the same order (use
     ``finetune_order(..., include_forget=True)`` for both). Under plain retrain the reference's rows are the
     original's (``model_role`` makes no difference) and :func:`finetune_order` with ``include_forget=False`` drops the
@@ -46,7 +46,7 @@ def finetune_rows(data: LLMStudyData, model_role: str = "original") -> tuple[lis
     seqs = [list(map(int, r)) for r in data.retain_rows]
     uids = [""] * len(seqs)
     forget = [False] * len(seqs)
-    for uid, times in inserted_examples(data.examples, role, data.insertions, data.background_insertions):
+    for uid, times in data.inserted(role):
         seqs += [list(ids_of[uid])] * times
         uids += [uid] * times
         forget += [role_of[uid] != "background"] * times
@@ -172,12 +172,31 @@ class FrozenPrefixCache:
         return torch.stack([self.store[k] for k in keys])
 
 
+def finetune_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, scored_only: bool = True
+                  ) -> torch.Tensor:
+    """Mean next-token NLL over the labelled tokens (labels != IGNORE) of a right-padded batch, with gradients.
+
+    ``scored_only`` (a Llama model) applies the vocabulary head only at positions whose next token is labelled:
+    SmolLM2's head (49152 x 576) costs more than six blocks, and a batch mixing 33-token texts with 10-token
+    canaries is a quarter padding. Otherwise the model's own loss over logits at every position (the path before).
+    Same value up to float32 rounding (tests/test_llm.py).
+    """
+    if not scored_only or type(model).__name__ != "LlamaForCausalLM":
+        return model(input_ids=ids, labels=labels).loss
+    hidden = model.model(input_ids=ids).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), target[keep])
+
+
 def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *, batch_size: int, lr: float,
-             pad_id: int, heldout_rows: np.ndarray | None = None, desc: str = "fine-tuning") -> pd.DataFrame:
+             pad_id: int, heldout_rows: np.ndarray | None = None, desc: str = "fine-tuning",
+             scored_only: bool = False) -> pd.DataFrame:
     """Fine-tune the trainable parameters in place (AdamW, warmup then cosine decay); return the loss curve.
 
-    Rows are right-padded per batch (padding is not scored). The curve has the training loss of every step and,
-    if ``heldout_rows`` are given, the held-out loss before the first and after the last step.
+    Rows are right-padded per batch (padding is not scored; ``scored_only``: see :func:`finetune_loss`). The curve
+    has the training loss of every step and, if ``heldout_rows`` are given, the held-out loss before the first and
+    after the last step.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,12 +215,13 @@ def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *
         ids, labels = pad_rows(batch, max(len(s) for s in batch), pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        out = model(input_ids=torch.from_numpy(ids).to(device), labels=torch.from_numpy(labels).to(device))
+        loss = finetune_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device),
+                             scored_only)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        curve.append({"step": step, "split": "train", "loss": out.loss.item()})
+        curve.append({"step": step, "split": "train", "loss": loss.item()})
     model.eval()
     if heldout_rows is not None:
         curve.append({"step": steps, "split": "held-out",
@@ -211,7 +231,7 @@ def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *
 
 @dataclass
 class LLMModels:
-    """One working copy of the model, and the fine-tuned tensors of the original and each reference model.
+    """One working copy of the model, and the fine-tuned tensors of each original and each reference model.
 
     The models differ only in their trainable tensors, so :meth:`use` swaps a model in by copying those tensors
     into the working copy (a few hundred MB at most), instead of holding several 135M-parameter models.
@@ -219,11 +239,25 @@ class LLMModels:
     model: torch.nn.Module
     trainable: list[str]
     base: dict[str, torch.Tensor]            # the pretrained values of the trainable tensors
-    original: dict[str, torch.Tensor]
+    originals: dict[int, dict[str, torch.Tensor]]     # original seed -> its fine-tuned tensors
     references: dict[int, dict[str, torch.Tensor]]
-    seed: int
-    meta: dict[str, dict]                    # "original" / "reference <seed>" -> cache key, curve, timing
+    meta: dict[str, dict]                    # "original (seed s)" / "reference (seed s)" -> cache key, curve, timing
     prefix_cache: FrozenPrefixCache | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        """The original seeds, in parameter order."""
+        return list(self.originals)
+
+    @property
+    def seed(self) -> int:
+        """The first original seed (the model the working copy rests at)."""
+        return self.seeds[0]
+
+    @property
+    def original(self) -> dict[str, torch.Tensor]:
+        """The first original's tensors."""
+        return self.originals[self.seed]
 
     @torch.no_grad()
     def use(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -251,16 +285,19 @@ class LLMModels:
         return pd.DataFrame(rows)
 
 
-def finetune_key(p: dict, data: LLMStudyData | str, base_key: str, role: str, seed: int) -> str:
-    """Key of one fine-tuned LLM: the base model, the data's fingerprint, the LLM training section, role and seed."""
+def finetune_key(p: dict, data: LLMStudyData | str, base_key: str, role: str, seed: int, scored_only: bool = False
+                 ) -> str:
+    """Key of one fine-tuned LLM: the base model, the data's fingerprint, the LLM training section, role and seed
+    (and the loss path, where it is not the default: its weights differ in the last float32 digits)."""
     fingerprint = data if isinstance(data, str) else data.fingerprint()
     return cache_key("llm-finetune", code_version("llm_finetune"), base_key, fingerprint,
-                     params_in(p, "run", "llm_data", "llm_training"), role, seed)
+                     params_in(p, "run", "llm_data", "llm_training"), role, seed,
+                     *(("scored-positions loss",) if scored_only else ()))
 
 
 def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str, role: str, seed: int,
-                   cache: ArtifactCache) -> tuple[dict[str, torch.Tensor], dict]:
-    key = finetune_key(p, data, base_key, role, seed)
+                   cache: ArtifactCache, scored_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    key = finetune_key(p, data, base_key, role, seed, scored_only)
 
     def build():
         seqs, is_forget, _ = finetune_rows(data, role)
@@ -271,7 +308,7 @@ def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str
         start = time.perf_counter()
         curve = finetune(models.model, seqs, order, batch_size=p["llm_batch_size"], lr=p["llm_lr"],
                          pad_id=data.start_id, heldout_rows=data.heldout_rows,
-                         desc=f"fine-tuning {role} (seed {seed})")
+                         desc=f"fine-tuning {role} (seed {seed})", scored_only=scored_only)
         tensors = {n: t.detach().cpu().clone() for n, t in models.model.named_parameters()
                    if n in set(models.trainable)}
         meta = {"role": role, "seed": seed, "rows_per_epoch": int(len(is_forget) if include else (~is_forget).sum()),
@@ -288,13 +325,17 @@ def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str
 
 
 def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key: str,
-                   cache: ArtifactCache | None = None, prefix_cache: bool = True) -> LLMModels:
-    """The original and reference fine-tuned models (trained now if not cached) around one working copy.
+                   cache: ArtifactCache | None = None, prefix_cache: bool = True, scored_only: bool = False
+                   ) -> LLMModels:
+    """The original (one per ``llm_original_seeds``) and reference (one per ``llm_reference_seeds``) fine-tuned
+    models, trained now if not cached, around one working copy.
 
     ``model`` is the pretrained model (e.g. from ``llm.load_smollm``), used in place: its trainable tensors are
     overwritten by :meth:`LLMModels.use`; ``base_key`` names it in the cache keys (``llm.llm_key``). With
     ``prefix_cache`` the frozen blocks' output is remembered per row (:class:`FrozenPrefixCache`), which about
-    halves the cost of scoring and of each training step when most blocks are frozen.
+    halves the cost of scoring and of each training step when most blocks are frozen. ``scored_only=True``
+    fine-tunes with the head at labelled positions only (:func:`finetune_loss`; not faster in the one measurement
+    made, so off by default).
     """
     cache = cache or ArtifactCache()
     check_llm_params(p, len(model.model.layers))
@@ -306,11 +347,11 @@ def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key
     base = {n: t.detach().cpu().clone() for n, t in model.named_parameters() if n in set(names)}
     n_frozen = len(model.model.layers) - p["llm_train_layers"]
     prefix = FrozenPrefixCache(model, n_frozen) if n_frozen and prefix_cache else None
-    models = LLMModels(model.eval(), names, base, {}, {}, p["seed"], {}, prefix)
-    models.original, meta = _get_finetuned(p, data, models, base_key, "original", p["seed"], cache)
-    models.meta[f"original (seed {p['seed']})"] = meta
-    for seed in p["llm_reference_seeds"]:
-        models.references[seed], meta = _get_finetuned(p, data, models, base_key, "reference", seed, cache)
-        models.meta[f"reference (seed {seed})"] = meta
+    models = LLMModels(model.eval(), names, base, {}, {}, {}, prefix)
+    for role, seeds, store in (("original", p["llm_original_seeds"], models.originals),
+                               ("reference", p["llm_reference_seeds"], models.references)):
+        for seed in seeds:
+            store[seed], meta = _get_finetuned(p, data, models, base_key, role, seed, cache, scored_only)
+            models.meta[f"{role} (seed {seed})"] = meta
     models.use(models.original)
     return models

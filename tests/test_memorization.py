@@ -533,3 +533,11 @@ def test_memorization_modules_never_import_plots():
             elif isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
         assert not {i for i in imported if "plots" in i.split(".")}, f"{path.name} imports plots"
+
+
+def test_the_pool_covers_the_shipped_kinds_only():
+    """A custom kind (the user's file) has no spare examples: the pool skips it; no shipped kind is an error."""
+    from forgetlab import mem_pool
+    assert mem_pool.pool_kinds({"forget_kinds": ["id", "custom", "code"]}) == ["id", "code"]
+    with pytest.raises(mem_pool.MemorizationInputError, match="needs at least one of id, canary"):
+        mem_pool.pool_kinds({"forget_kinds": ["custom"]})

@@ -41,6 +41,7 @@ GUARD_ROWS = 64               # no ID pool window overlaps the first GUARD_ROWS 
 GUARD_NGRAM = 8               # ... judged by shared GUARD_NGRAM-grams
 POOL_SEED_OFFSET = 7919       # the pool's random draws are independent of the study's
 SPLIT_TRIES = 100             # draws per complementary pair to find a split no earlier pair used
+POOL_KINDS = ("id", "canary", "language", "code")   # kinds with a source the pool draws fresh examples from
 MIN_MODELS = 4                # subset models needed: one complementary pair in each of the two model sets
 SET_ROLES = {"A": "memorization", "B": "difficulty, unlearning and GenEx reference"}
 
@@ -74,7 +75,7 @@ def build_pool(p: dict, data: StudyData) -> pd.DataFrame:
     """
     from .data import load_sources
 
-    counts = kind_counts(p["mem_pool_size"], list(p["forget_kinds"]))
+    counts = kind_counts(p["mem_pool_size"], pool_kinds(p))
     rng = random.Random(p["seed"] + POOL_SEED_OFFSET)
     tok, bos, L = data.tokenizer, data.bos, p["example_tokens"]
     used = {tuple(int(t) for t in ids) for ids in data.examples.ids}
@@ -116,6 +117,16 @@ def build_pool(p: dict, data: StudyData) -> pd.DataFrame:
     if len(too_long):
         raise MemorizationInputError(f"{len(too_long)} pool examples are longer than block_size = {data.block_size}")
     return pool.reset_index(drop=True)
+
+
+def pool_kinds(p: dict) -> list[str]:
+    """The kinds of ``forget_kinds`` the pool covers: a ``custom`` kind (the user's file) has no fresh examples to
+    spare beyond its study roles, so notebook 05 studies the shipped kinds only."""
+    kinds = [k for k in p["forget_kinds"] if k in POOL_KINDS]
+    if not kinds:
+        raise MemorizationInputError(f"forget_kinds = {p['forget_kinds']}: the memorization pool needs at least one of "
+                                     f"{', '.join(POOL_KINDS)}")
+    return kinds
 
 
 def pool_key(p: dict, data: StudyData) -> str:

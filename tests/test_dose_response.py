@@ -102,6 +102,22 @@ def test_no_offset_gives_a_matched_difference_near_zero_while_the_unmatched_one_
     assert set(bins.kind) == {"canary"} and bins.used.any()
 
 
+def test_the_unmatched_comparison_pairs_only_the_counts_both_kinds_kept():
+    """A count where one kind kept no example (found with the classroom profile) leaves both arms, not the run."""
+    t = endpoint_table(offset=0.0, per=6)
+    counts = sorted(t["count"].unique())
+    dropped = t[~((t.kind == "canary") & (t["count"] == counts[1]))]
+    got = dm.unmatched_interval(dropped[dropped.kind == "id"], dropped[dropped.kind == "canary"], "steps_to_target",
+                                resamples=200, rng_seed=2)
+    kept = t[t["count"] != counts[1]]
+    want = dm.unmatched_interval(kept[kept.kind == "id"], kept[kept.kind == "canary"], "steps_to_target",
+                                 resamples=200, rng_seed=2)
+    assert got == want and math.isfinite(got.estimate)
+    none = dm.unmatched_interval(t[(t.kind == "id") & (t["count"] == counts[0])],
+                                 t[(t.kind == "canary") & (t["count"] == counts[1])], "steps_to_target", resamples=10)
+    assert math.isnan(none.estimate) and none.n_units == 0
+
+
 def test_disjoint_ranges_are_not_measurable():
     t = endpoint_table(offset=0.0)
     t.loc[t.kind == "canary", "initial"] -= 1000

@@ -169,6 +169,17 @@ def matched_interval(a: pd.DataFrame, b: pd.DataFrame, value: str, bins: int = 4
                      level), table)
 
 
+def unmatched_interval(a: pd.DataFrame, b: pd.DataFrame, value: str, resamples: int = 1000, rng_seed: int = 0,
+                       level: float = LEVEL) -> Interval:
+    """ID minus OOD over all examples, paired by count, on the counts both arms have (a count where a kind kept no
+    example drops out of both arms); NaN (not measurable) when they share none."""
+    shared = sorted(set(a["count"]) & set(b["count"]))
+    if not shared:
+        return Interval(math.nan, math.nan, math.nan, 0, 0, resamples, level)
+    return intervals.difference_interval(a[a["count"].isin(shared)], b[b["count"].isin(shared)], value,
+                                         seed_col="count", resamples=resamples, rng_seed=rng_seed, level=level)
+
+
 def verdict_table(endpoints: pd.DataFrame, id_kind: str = "id", bins: int = 4, min_per_arm: int = 1,
                   resamples: int = 1000, rng_seed: int = 0,
                   labels: Mapping[str, str] | None = None, measures: Sequence[str] = tuple(ENDPOINTS)
@@ -184,8 +195,7 @@ def verdict_table(endpoints: pd.DataFrame, id_kind: str = "id", bins: int = 4, m
         b = endpoints[endpoints.kind == kind]
         for value in measures:
             matched, table = matched_interval(a, b, value, bins, min_per_arm, resamples, rng_seed)
-            plain = intervals.difference_interval(a, b, value, seed_col="count", resamples=resamples,
-                                                  rng_seed=rng_seed)
+            plain = unmatched_interval(a, b, value, resamples, rng_seed)
             base = {"kind": kind, "label": (labels or {}).get(kind, kind), "endpoint": value}
             used = table[table.used] if table is not None else None
             rows.append({**base, "comparison": "matched", **matched.as_dict(), "verdict": intervals.verdict(

@@ -113,6 +113,10 @@ def test_the_unmatched_comparison_pairs_only_the_counts_both_kinds_kept():
     want = dm.unmatched_interval(kept[kept.kind == "id"], kept[kept.kind == "canary"], "steps_to_target",
                                  resamples=200, rng_seed=2)
     assert got == want and math.isfinite(got.estimate)
+    nan_rows = t.copy()
+    nan_rows.loc[(nan_rows.kind == "canary") & (nan_rows["count"] == counts[1]), "steps_to_target"] = np.nan
+    assert dm.unmatched_interval(nan_rows[nan_rows.kind == "id"], nan_rows[nan_rows.kind == "canary"],
+                                 "steps_to_target", resamples=200, rng_seed=2) == want
     none = dm.unmatched_interval(t[(t.kind == "id") & (t["count"] == counts[0])],
                                  t[(t.kind == "canary") & (t["count"] == counts[1])], "steps_to_target", resamples=10)
     assert math.isnan(none.estimate) and none.n_units == 0

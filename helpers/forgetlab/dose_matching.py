@@ -171,8 +171,9 @@ def matched_interval(a: pd.DataFrame, b: pd.DataFrame, value: str, bins: int = 4
 
 def unmatched_interval(a: pd.DataFrame, b: pd.DataFrame, value: str, resamples: int = 1000, rng_seed: int = 0,
                        level: float = LEVEL) -> Interval:
-    """ID minus OOD over all examples, paired by count, on the counts both arms have (a count where a kind kept no
-    example drops out of both arms); NaN (not measurable) when they share none."""
+    """ID minus OOD over all examples, paired by count, on the counts both arms have a value at (a count where a
+    kind has no measurable example drops out of both arms); NaN (not measurable) when they share none."""
+    a, b = a[a[value].notna()], b[b[value].notna()]     # e.g. nothing to remove: left out, as in the matched one
     shared = sorted(set(a["count"]) & set(b["count"]))
     if not shared:
         return Interval(math.nan, math.nan, math.nan, 0, 0, resamples, level)

@@ -71,6 +71,7 @@ def _drive_lab(page, shots: Path, timings: dict[str, float]) -> None:
     count.fill("20")
     count.press("Tab")
     button.click()
+    _poll(lambda: "at least once" not in message.inner_text(), STEP_TIMEOUT_S, "the refusal to be replaced")  # no stale read
     _poll(lambda: message.inner_text().startswith("Done") or "Failed" in message.inner_text()
           or "Not run" in message.inner_text(), LAB_TIMEOUT_S, "the lab to be built and unlearned")
     assert message.inner_text().startswith("Done"), message.inner_text()

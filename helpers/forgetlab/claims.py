@@ -96,8 +96,12 @@ def start_controls(results: pd.DataFrame, metric: str = SEED_METRIC) -> pd.DataF
 def control_offsets(results: pd.DataFrame, metric: str = SEED_METRIC) -> pd.DataFrame:
     """Per kind and original seed: ``offset``, the controls' mean value at step 0 (how much better, > 0, or
     worse, < 0, that original models never-trained text of the kind than the references do), and ``controls``."""
-    return (start_controls(results, metric).groupby(["kind", "seed"], sort=False).value
-            .agg(offset="mean", controls="size").reset_index())
+    return offsets_of(start_controls(results, metric))
+
+
+def offsets_of(controls: pd.DataFrame) -> pd.DataFrame:
+    """Per kind and original seed of control rows (kind, seed, value): ``offset`` (their mean) and ``controls``."""
+    return controls.groupby(["kind", "seed"], sort=False).value.agg(offset="mean", controls="size").reset_index()
 
 
 def calibrate(rows: pd.DataFrame, offsets: pd.DataFrame) -> pd.DataFrame:

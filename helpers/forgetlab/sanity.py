@@ -67,8 +67,8 @@ def control_offsets(scores: pd.DataFrame) -> pd.DataFrame:
     This is the seed-level offset that the study's endpoints remove (:func:`forgetlab.claims.calibrate`): how
     much better (> 0) or worse (< 0) that original models never-trained text of the kind than the reference
     ensemble does. Check 1 below stays on raw GenEx: it is the check that shows the offset."""
-    return (control_genex(scores).groupby(["kind", "seed"], sort=False).value
-            .agg(mean_bits="mean", controls="size").reset_index())
+    from .claims import offsets_of
+    return offsets_of(control_genex(scores)).rename(columns={"offset": "mean_bits"})
 
 
 def controls_check(scores: pd.DataFrame, resamples: int = 1000, rng_seed: int = 0, level: float = LEVEL

@@ -31,7 +31,8 @@ def unlearn_settings(p: dict, method: str) -> UnlearnSettings:
     """The LLM's unlearning settings: its own learning rate, steps, batch and recording schedule."""
     return UnlearnSettings(method=method, lr=p["llm_unlearn_lr"], steps=p["llm_unlearn_steps"],
                            batch=p["llm_batch_size"], optimizer=p["unlearn_optimizer"], grad_clip=p["grad_clip"],
-                           record_every=p["llm_record_every"], retain_weight=p["retain_weight"],
+                           record_every=p["llm_record_every"], utility_every=p["llm_utility_every"],
+                           retain_weight=p["retain_weight"],
                            npo_beta=p["npo_beta"], seed=p["seed"])
 
 
@@ -41,11 +42,15 @@ def utility(model: torch.nn.Module, data: LLMStudyData) -> dict[str, float]:
             "retain_loss": mean_token_loss(model, data.retain_sample(len(data.heldout_rows)), batch_size=EVAL_BATCH)}
 
 
-def step_scores(model: torch.nn.Module, data: LLMStudyData, examples: pd.DataFrame
+def step_scores(model: torch.nn.Module, data: LLMStudyData, examples: pd.DataFrame, utility: bool = True
                 ) -> tuple[np.ndarray, dict[str, float]]:
     """The ll of each row of ``examples`` and the :func:`utility` at one model state, in one
     :func:`forgetlab.scoring.score_rows` call (the vocabulary head only at scored positions; the frozen blocks'
-    output still comes from the model's FrozenPrefixCache). Same numbers up to float32 rounding."""
+    output still comes from the model's FrozenPrefixCache). Same numbers up to float32 rounding.
+    ``utility=False`` scores the examples alone and returns an empty utility."""
+    if not utility:
+        return score_rows(model, [list(map(int, ids)) for ids in examples.ids],
+                          [int(s) for s in examples.score_start]), {}
     heldout = data.heldout_rows
     retain = data.retain_sample(len(heldout))
     seqs = [list(map(int, ids)) for ids in examples.ids] + [r.tolist() for r in heldout] + [r.tolist() for r in retain]
@@ -149,9 +154,11 @@ class SmolLM2:
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
 
-    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame) -> tuple[np.ndarray, dict[str, float]]:
-        """``example_logprobs`` and ``utility`` at one model state in one go (the engine's fast evaluator)."""
-        return step_scores(model, self.data, examples)
+    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame, utility: bool = True
+                    ) -> tuple[np.ndarray, dict[str, float]]:
+        """``example_logprobs`` and (unless ``utility=False``) ``utility`` at one model state in one go (the
+        engine's fast evaluator)."""
+        return step_scores(model, self.data, examples, utility=utility)
 
     def key(self, seed: int) -> str:
         original = self.models.meta[f"original (seed {seed})"]["key"]

@@ -122,8 +122,8 @@ def canary_row_numbers(examples: pd.DataFrame, prefix: list[int], digit_token_id
     return out
 
 
-def step_scores(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame, eval_rows: int = UTILITY_ROWS
-                ) -> tuple[np.ndarray, dict[str, float]]:
+def step_scores(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame, eval_rows: int = UTILITY_ROWS,
+                utility: bool = True) -> tuple[np.ndarray, dict[str, float]]:
     """The ll of each row of ``examples`` and the :func:`utility` at one model state, every row scored once.
 
     The fast path of a recorded step (:meth:`TinyGPT2.step_scores`): the examples, the utility's held-out and
@@ -131,10 +131,12 @@ def step_scores(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame,
     row already among ``examples`` is not scored again); with at least ``CANARY_TRIE_MIN`` canary-shaped rows
     every candidate is scored by the trie once and those rows are read from it. Same numbers as
     :func:`metrics.example_logprobs` and :func:`utility` up to float32 rounding (tests/test_fast_paths.py).
+    ``utility=False`` scores the examples alone and returns an empty utility (a recorded step between two
+    utility steps, see ``utility_every``).
     """
-    heldout = data.heldout_rows[:eval_rows]
-    retain = metrics.seeded_rows(data.train_rows, eval_rows)
-    ood = [k for k in pd.unique(data.examples.kind) if k not in ("id", "canary")]
+    heldout = data.heldout_rows[:eval_rows if utility else 0]
+    retain = metrics.seeded_rows(data.train_rows, eval_rows)[:eval_rows if utility else 0]
+    ood = [k for k in pd.unique(data.examples.kind) if k not in ("id", "canary")] if utility else []
     pops = {k: data.select(k, "population") for k in ood}
     pops = {k: pop for k, pop in pops.items() if len(pop)}
     seqs = [list(map(int, ids)) for ids in examples.ids]
@@ -170,6 +172,8 @@ def step_scores(model: torch.nn.Module, data: StudyData, examples: pd.DataFrame,
     idx = np.flatnonzero(todo)
     ll[idx] = score_rows(model, [seqs[i] for i in idx], [starts[i] for i in idx])
     ll_h, ll_r = ll[n_rows:n_rows + len(heldout)], ll[n_rows + len(heldout):]
+    if not utility:
+        return ll[:n_ex], {}
     out = {"heldout_ppl": float(np.exp(-ll_h.sum() / (heldout.shape[0] * (heldout.shape[1] - 1)))),
            "retain_loss": float(-ll_r.sum() / (retain.shape[0] * (retain.shape[1] - 1)))}
     for k, where in pop_rows.items():
@@ -239,9 +243,11 @@ class TinyGPT2:
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return utility(model, self.data)
 
-    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame) -> tuple[np.ndarray, dict[str, float]]:
-        """``example_logprobs`` and ``utility`` at one model state in one go (the engine's fast evaluator)."""
-        return step_scores(model, self.data, examples)
+    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame, utility: bool = True
+                    ) -> tuple[np.ndarray, dict[str, float]]:
+        """``example_logprobs`` and (unless ``utility=False``) ``utility`` at one model state in one go (the
+        engine's fast evaluator)."""
+        return step_scores(model, self.data, examples, utility=utility)
 
     def worker_recipe(self) -> tuple:
         """How a worker process rebuilds this backend (engine.run_study runs trajectories on a process pool)."""

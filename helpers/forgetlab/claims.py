@@ -164,7 +164,23 @@ def utility_table(results: pd.DataFrame) -> pd.DataFrame:
     wide["heldout_loss"] = np.log(wide.heldout_ppl)
     pops = [c for c in wide.columns if c.startswith("loss_")]
     wide["general_loss"] = wide[["heldout_loss", *pops]].mean(axis=1)
-    return wide
+    return interpolate_utility(wide)
+
+
+def interpolate_utility(wide: pd.DataFrame, keys: Sequence[str] = ("kind", "method", "seed")) -> pd.DataFrame:
+    """Utility columns at every recorded step: linear in the step between two measured steps.
+
+    A run measures utility every ``utility_every`` steps (and at step 0 and its last step) but its forgetting
+    metrics at every recorded step; analyses that read utility at a forgetting step (C2, C3, the placebo)
+    interpolate. Steps outside the measured range stay NaN."""
+    cols = [c for c in wide.columns if c not in (*keys, "step", "membership_auc")]
+    if not cols or not wide[cols].isna().any().any():
+        return wide
+    out = wide.sort_values([*keys, "step"]).copy()
+    for _, idx in out.groupby(list(keys), sort=False).groups.items():
+        block = out.loc[idx, ["step", *cols]].set_index("step")
+        out.loc[idx, cols] = block.interpolate(method="index", limit_area="inside").to_numpy()
+    return out.sort_index()
 
 
 def utility_lost(results: pd.DataFrame, utility: str = "general_loss") -> pd.DataFrame:

@@ -127,6 +127,10 @@ SCHEMA: dict[str, Spec] = {
         "llm_reference_seeds": _seed_list("one fine-tuned reference LLM per seed (without the forget sets; "
                                           "their twins in their place under reference_data: twins)"),
         "llm_methods": _subset(METHODS, "unlearning methods run on the LLM"),
+        "sanity_set_models": _int(0, 16, "extra models, each fine-tuned from the base on a fresh draw of every "
+                                  "kind's forget-sized set, that measure how much the controls' GenEx moves with "
+                                  "the draw of the forget and twin sets (0: the controls check leaves that out)",
+                                  "each is a fine-tuning run"),
         "dose_insertions": Spec(list, lambda v: 0 < len(v) <= 12 and all(type(x) is int and 1 <= x <= 10_000 for x in v)
                                 and len(set(v)) == len(v), "a non-empty list of at most 12 distinct integers >= 1 and "
                                 "<= 10000", "insertion counts of notebook 07's dose-response (one original and one "
@@ -210,6 +214,9 @@ SCHEMA: dict[str, Spec] = {
         "unlearn_optimizer": _choice(OPTIMIZERS),
         "grad_clip": _float(0, 1e6, help="max gradient norm; 0 disables clipping"),
         "record_every": _int(1, 100_000, "record metrics every k-th step (step 0 and the last always)"),
+        "utility_every": _int(1, 100_000, "measure utility (held-out, retain and population losses) every k-th step "
+                              "(step 0 and the last always; a multiple of record_every)",
+                              "utility moves slowly and costs ~80% of a recorded step: analyses interpolate it"),
         "retain_weight": _float(0, 1000, help="weight of the retain loss in gradient difference"),
         "npo_beta": _float(0, 100, strict_lo=True, help="inverse temperature of NPO",
                            why="larger values make NPO plain gradient ascent"),
@@ -264,6 +271,8 @@ SCHEMA: dict[str, Spec] = {
         "llm_unlearn_lr": _float(0, 1, strict_lo=True),
         "llm_record_every": _int(1, 100_000, "record the LLM metrics every k-th unlearning step (step 0 and the "
                                  "last always)"),
+        "llm_utility_every": _int(1, 100_000, "measure the LLM's utility every k-th unlearning step (step 0 and the "
+                                  "last always; a multiple of llm_record_every)"),
     }),
 }
 
@@ -316,6 +325,10 @@ def validate_params(raw: Mapping[str, Any], source: str = "parameters") -> dict[
         if clean["block_size"] <= clean["example_tokens"] + 1:
             problems.append(f"block_size = {clean['block_size']} must exceed example_tokens + 1 = "
                             f"{clean['example_tokens'] + 1}: raise block_size or lower example_tokens")
+        for every, rec in (("utility_every", "record_every"), ("llm_utility_every", "llm_record_every")):
+            if clean[every] % clean[rec]:
+                problems.append(f"{every} = {clean[every]} must be a multiple of {rec} = {clean[rec]} (utility is "
+                                f"measured at recorded steps): use e.g. {clean[rec] * max(1, clean[every] // clean[rec])}")
         if set(clean["original_seeds"]) & set(clean["reference_seeds"]):
             problems.append("original_seeds and reference_seeds overlap: use distinct seeds")
         if clean["population_size"] < clean["forget_size"]:

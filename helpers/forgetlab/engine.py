@@ -120,13 +120,21 @@ def exact_exposure_records(targets: pd.DataFrame, candidate_ll: np.ndarray) -> l
             for r in targets.itertuples()]
 
 
-def make_evaluator(backend: Backend, view: ForgetSetView, final_step: int, fast: bool = True) -> Evaluator:
+def utility_due(step: int, final_step: int, utility_every: int) -> bool:
+    """Whether a recorded step measures utility: step 0, the last step and every ``utility_every``-th step."""
+    return utility_every <= 1 or step in (0, final_step) or step % utility_every == 0
+
+
+def make_evaluator(backend: Backend, view: ForgetSetView, final_step: int, fast: bool = True,
+                   utility_every: int = 1) -> Evaluator:
     """The function an :class:`Unlearner` calls at each recorded step; returns tidy records.
 
     ``fast`` (default) scores the step's rows and the utility together through the backend's optional
-    ``step_scores(model, examples) -> (ll, utility)`` (every row once, few forward passes); ``fast=False``, or a
-    backend without it, calls ``example_logprobs`` and ``utility`` apart: the straightforward reference that
-    tests/test_fast_paths.py and benchmarks/bench_evaluation.py compare against.
+    ``step_scores(model, examples, utility) -> (ll, utility)`` (every row once, few forward passes);
+    ``fast=False``, or a backend without it, calls ``example_logprobs`` and ``utility`` apart: the
+    straightforward reference that tests/test_fast_paths.py and benchmarks/bench_evaluation.py compare against.
+    Utility (held-out, retain and population losses: most of a step's rows) is measured only where
+    :func:`utility_due`; the forgetting metrics at every recorded step.
     """
     scored = pd.concat([view.targets, view.population], ignore_index=True)
     n_t = len(view.targets)
@@ -136,10 +144,11 @@ def make_evaluator(backend: Backend, view: ForgetSetView, final_step: int, fast:
     together = getattr(backend, "step_scores", None) if fast else None
 
     def evaluate(model: torch.nn.Module, step: int) -> list[dict]:
+        due = utility_due(step, final_step, utility_every)
         if together is not None:
-            ll, util = together(model, scored)
+            ll, util = together(model, scored, utility=due)
         else:
-            ll, util = backend.example_logprobs(model, scored), None
+            ll, util = backend.example_logprobs(model, scored), None if due else {}
         ll_t, ll_pop = ll[:n_t], ll[n_t:]
         recs = target_records(view.targets, ll_t, ll_pop, extrapolate=canary)
         if canary and step in (0, final_step):
@@ -168,8 +177,9 @@ def unlearn_trajectory(backend: Backend, kind: str, method: str, seed: int, step
     from the same model, so step 0 is scored once.
     """
     view = backend.view(kind)
-    steps = steps or backend.settings(method).steps
-    evaluate = make_evaluator(backend, view, steps)
+    settings = backend.settings(method)
+    steps = steps or settings.steps
+    evaluate = make_evaluator(backend, view, steps, utility_every=settings.utility_every)
     if start is not None:
         scored_start = start.get((kind, seed))
 

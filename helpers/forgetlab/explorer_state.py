@@ -117,7 +117,9 @@ class Selection:
                                      "relex_forget": curve("forget", "relex_bits"),
                                      "genex_control": curve("control", "genex_bits")}, index=self.steps)
         model = sub[sub.role == "model"]
+        # utility is measured every utility_every steps: linear in between (as the claims read it)
         self.utility = (model.groupby(["step", "metric"]).value.mean().unstack("metric").reindex(self.steps)
+                        .interpolate(method="index", limit_area="inside")
                         if len(model) else pd.DataFrame(index=self.steps))
         wide = (per_example[per_example.metric.isin(PER_EXAMPLE_METRICS)]
                 .pivot_table(index=["step", "role", "uid"], columns="metric", values="value", aggfunc="mean"))

@@ -283,8 +283,9 @@ class LabBackend:
     def utility(self, model: torch.nn.Module) -> dict[str, float]:
         return backend_tiny.utility(model, self.data)
 
-    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame) -> tuple[np.ndarray, dict[str, float]]:
-        return backend_tiny.step_scores(model, self.data, examples)
+    def step_scores(self, model: torch.nn.Module, examples: pd.DataFrame, utility: bool = True
+                    ) -> tuple[np.ndarray, dict[str, float]]:
+        return backend_tiny.step_scores(model, self.data, examples, utility=utility)
 
     def key(self, seed: int) -> str:
         return cache_key(self.name, code_version("lab", "backend_tiny"), self._keys, seed, self.steps,

@@ -78,7 +78,7 @@ class StepRunner:
         start = entry[0]["step"] if entry else recorded
         final = start + int(n)
         every = b.settings(method).record_every
-        evaluate = make_evaluator(b, view, final)
+        evaluate = make_evaluator(b, view, final, utility_every=b.settings(method).utility_every)
         seeds = b.original_seeds
         total, done = int(n) * len(seeds), 0
         frames, tensors = [], {}

@@ -45,6 +45,7 @@ class UnlearnSettings:
     optimizer: str = "adam"
     grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
     record_every: int = 1           # evaluate every k-th step (step 0 and the last always)
+    utility_every: int = 1          # of those, measure utility every k-th step (step 0 and the last always)
     retain_weight: float = 1.0      # graddiff only
     npo_beta: float = 0.1           # npo only
     seed: int = 0                   # forget-batch order and retain draws
@@ -54,7 +55,7 @@ class UnlearnSettings:
         """Settings for `method` from a validated parameter dict (see config.SCHEMA)."""
         return cls(method=method, lr=p["unlearn_lr"], steps=p["unlearn_steps"], batch=p["unlearn_batch"],
                    optimizer=p["unlearn_optimizer"], grad_clip=p["grad_clip"], record_every=p["record_every"],
-                   retain_weight=p["retain_weight"], npo_beta=p["npo_beta"], seed=p["seed"])
+                   utility_every=p["utility_every"], retain_weight=p["retain_weight"], npo_beta=p["npo_beta"], seed=p["seed"])
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,7 +71,8 @@ class UnlearnSettings:
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer = {self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)} "
                             f"(parameter unlearn_optimizer)")
-        for name, key in (("steps", "unlearn_steps"), ("batch", "unlearn_batch"), ("record_every", "record_every")):
+        for name, key in (("steps", "unlearn_steps"), ("batch", "unlearn_batch"), ("record_every", "record_every"),
+                          ("utility_every", "utility_every")):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
                 problems.append(f"{name} = {v!r} is invalid: it must be an integer >= 1 (parameter {key})")
@@ -87,7 +89,7 @@ class UnlearnSettings:
                             f"(parameter npo_beta)")
         if problems:
             raise ValueError("invalid unlearning settings:\n  - " + "\n  - ".join(problems))
-        for name in ("steps", "batch", "record_every", "seed"):       # numpy scalars -> plain Python
+        for name in ("steps", "batch", "record_every", "utility_every", "seed"):   # numpy scalars -> plain Python
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("lr", "grad_clip", "retain_weight", "npo_beta"):
             object.__setattr__(self, name, float(getattr(self, name)))

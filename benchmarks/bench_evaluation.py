@@ -6,9 +6,11 @@ Inputs: the default study's data (forget sets, populations, utility rows) with u
 (seed per model): the cost of evaluation does not depend on what the weights learned.
 
 evaluation   one recorded step of each forget set: ``make_evaluator(...)`` (one pass over every row the step
-             needs, the canary population read off the candidate trie) against ``make_evaluator(..., fast=False)``
-             (example_logprobs, then utility, as before), both at ``--threads`` torch threads (default 1: what
-             each pool worker runs at), round-robin, medians.
+             needs, the canary population read off the candidate trie, utility only every ``utility_every``
+             steps: its cost per recorded step is weighted by the profile's schedule) against
+             ``make_evaluator(..., fast=False)`` (example_logprobs, then utility, at every recorded step, as
+             before), both at ``--threads`` torch threads (default 1: what each pool worker runs at),
+             round-robin, medians; the last column compares a utility step alone (the same work).
 trajectories ``--seeds`` original seeds x one forget set (id) x ga for ``--steps`` steps (recording every
              ``record_every``): ``engine.run_study`` (process pool of ``min(2, cores)`` 1-thread workers, fast
              evaluator, spawn time included) against a sequential loop of today's evaluator at torch's default
@@ -55,42 +57,67 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def schedule(steps: int, record_every: int, utility_every: int) -> tuple[int, int]:
+    """Recorded steps of a ``steps``-step run and how many of them measure utility (engine.utility_due)."""
+    recorded = sorted({*range(0, steps + 1, record_every), steps})
+    return len(recorded), sum(engine.utility_due(s, steps, utility_every) for s in recorded)
+
+
 def evaluation(repeats: int = 5, threads: int = 1, profile: str = "default") -> list[dict]:
-    """Print per-kind medians of a recorded step's evaluation, fast vs straightforward; return summary lines."""
+    """Print per-kind medians of a recorded step's evaluation, fast vs straightforward; return summary lines.
+
+    The fast evaluator is timed at a step that measures utility and at one that does not; its cost per recorded
+    step is their mean weighted by the profile's schedule (``utility_every``). Today's evaluator measures
+    everything at every recorded step."""
     backend = random_backend(profile)
+    p = backend.p
+    n_rec, n_due = schedule(p["unlearn_steps"], p["record_every"], p["utility_every"])
     model = backend.original(backend.original_seeds[0]).eval()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    final, every = p["unlearn_steps"], p["utility_every"]
+    between = next(s for s in range(p["record_every"], final, p["record_every"])
+                   if not engine.utility_due(s, final, every)) if n_due < n_rec else 0
     try:
         limit = MatmulLimit(n=1024)
         times = {}
         for kind in backend.kinds:
             view = backend.view(kind)
-            fast = engine.make_evaluator(backend, view, 100)
-            plain = engine.make_evaluator(backend, view, 100, fast=False)
-            fast(model, 2), plain(model, 2)                          # warm-up (and the skew-normal fit cache)
-            times[kind] = ([], [])
+            fast = engine.make_evaluator(backend, view, final, utility_every=every)
+            plain = engine.make_evaluator(backend, view, final, fast=False)
+            fast(model, 0), fast(model, between), plain(model, 0)            # warm-up (and the skew-normal fit)
+            times[kind] = ([], [], [])
         for _ in range(repeats):                                     # round-robin over kinds and paths
             for kind in backend.kinds:
                 view = backend.view(kind)
-                times[kind][0].append(_timed(lambda: engine.make_evaluator(backend, view, 100)(model, 2)))
-                times[kind][1].append(_timed(lambda: engine.make_evaluator(backend, view, 100, fast=False)(model, 2)))
+                fast = engine.make_evaluator(backend, view, final, utility_every=every)
+                times[kind][0].append(_timed(lambda: fast(model, every)))           # a utility step
+                times[kind][1].append(_timed(lambda: fast(model, between)))         # a step between
+                times[kind][2].append(_timed(lambda: engine.make_evaluator(backend, view, final, fast=False)(
+                    model, every)))
             limit.sample()
     finally:
         torch.set_num_threads(before)
     print(f"recorded step of the {profile} study at {threads} torch thread(s), medians of {repeats}; "
           f"matmul limit {limit.median_flops / 1e9:.1f} GFLOP/s (median); {load_average()}")
-    print(f"  {'forget set':12s} {'fast':>10s} {'straightforward':>16s} {'ratio':>7s}")
-    fast_all, plain_all = [], []
-    for kind, (f, p) in times.items():
-        mf, mp = statistics.median(f), statistics.median(p)
-        fast_all.append(mf)
+    print(f"  schedule: {final} steps, {n_rec} recorded (record_every {p['record_every']}), utility at {n_due} "
+          f"of them (utility_every {every})")
+    print(f"  {'forget set':12s} {'with utility':>13s} {'without':>9s} {'per record':>11s} {'straightforward':>16s}"
+          f" {'ratio':>7s} {'(same work)':>11s}")
+    fast_all, plain_all, same_all = [], [], []
+    for kind, (fu, fn, pl) in times.items():
+        mu, mn, mp = statistics.median(fu), statistics.median(fn), statistics.median(pl)
+        per = (n_due * mu + (n_rec - n_due) * mn) / n_rec
+        fast_all.append(per)
         plain_all.append(mp)
-        print(f"  {kind:12s} {fmt_seconds(mf):>10s} {fmt_seconds(mp):>16s} {mp / mf:6.2f}x")
-    mf, mp = float(np.mean(fast_all)), float(np.mean(plain_all))
-    print(f"  {'mean':12s} {fmt_seconds(mf):>10s} {fmt_seconds(mp):>16s} {mp / mf:6.2f}x   (target >= 4x)")
-    return [{"name": f"recorded step ({threads} thread, mean of kinds)", "fast": mf, "straightforward": mp,
-             "ratio": mp / mf, "fraction": None}]
+        same_all.append(mu)
+        print(f"  {kind:12s} {fmt_seconds(mu):>13s} {fmt_seconds(mn):>9s} {fmt_seconds(per):>11s} "
+              f"{fmt_seconds(mp):>16s} {mp / per:6.2f}x {mp / mu:10.2f}x")
+    mf, mp, mu = float(np.mean(fast_all)), float(np.mean(plain_all)), float(np.mean(same_all))
+    print(f"  {'mean':12s} {fmt_seconds(mu):>13s} {'':>9s} {fmt_seconds(mf):>11s} {fmt_seconds(mp):>16s} "
+          f"{mp / mf:6.2f}x {mp / mu:10.2f}x   (target >= 4x per recorded step; 'same work': a utility step alone)")
+    return [{"name": f"recorded step ({threads} thread, mean of kinds, utility every {every} steps)", "fast": mf,
+             "straightforward": mp, "ratio": mp / mf, "fraction": None}]
 
 
 def _sequential_old(backend, kind: str, method: str, steps: int) -> None:

@@ -122,6 +122,24 @@ def test_utility_table_general_loss_is_the_mean_of_heldout_and_population_losses
     assert lost == pytest.approx([0.0, 0.25, 1.0, 0.75])
 
 
+def test_utility_measured_every_kth_step_is_interpolated_linearly_in_the_step():
+    # utility measured at steps 0 and 6 only (utility_every 6), membership AUC at every recorded step:
+    # held-out loss 1.0 -> 2.5 gives 1.5 at step 2 and 2.0 at step 4; code loss 2.0 throughout
+    dense = study_table({"id": [FAST]}, util={"id": ([1.0, 1.5, 2.0, 2.5], [2.0, 2.0, 2.0, 2.0])})
+    auc = dense[dense.metric == "loss_code"].assign(metric="membership_auc", value=0.7)
+    sparse = pd.concat([dense[~((dense.role == "model") & dense.step.isin([2, 4]))], auc], ignore_index=True)
+    u = claims.utility_table(sparse).query("seed == 0").set_index("step")
+    assert u.heldout_loss.tolist() == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert u.general_loss.tolist() == pytest.approx([1.5, 1.75, 2.0, 2.25])
+    assert u.membership_auc.tolist() == pytest.approx([0.7] * 4)              # not touched
+    # C3 reads the interpolated utility at FAST's half step (2): the dense table's 0.25
+    p = claims.at_progress(sparse, 0.5).query("seed == 0").set_index("uid")
+    assert p.loc["id-0", "utility_lost"] == pytest.approx(0.25)
+    # nothing is extrapolated past the last measured step
+    late = sparse[~((sparse.role == "model") & (sparse.step == 6) & (sparse.metric != "membership_auc"))]
+    assert math.isnan(claims.utility_table(late).query("seed == 0 and step == 6").general_loss.iloc[0])
+
+
 def test_at_progress_reads_utility_lost_at_each_examples_half_step():
     t = study_table({"id": [FAST, SLOW, NEVER_HALF]}, util={"id": ([1.0, 1.5, 2.0, 2.5], [2.0] * 4)})
     p = claims.at_progress(t, 0.5).query("seed == 0").set_index("uid")

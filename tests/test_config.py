@@ -31,6 +31,8 @@ def test_same_insertions_for_id_and_ood():
     ({"block_size": 16, "example_tokens": 24}, ["block_size", "example_tokens"]),
     ({"original_seeds": [0], "reference_seeds": [0, 1]}, ["overlap"]),
     ({"reference_seeds": []}, ["reference_seeds", "non-empty"]),
+    ({"record_every": 2, "utility_every": 5}, ["utility_every = 5", "multiple of record_every = 2", "e.g. 4"]),
+    ({"llm_record_every": 3, "llm_utility_every": 4}, ["llm_utility_every = 4", "multiple of llm_record_every"]),
 ])
 def test_bad_values_are_named(override, words):
     with pytest.raises(ParameterError) as err:

@@ -96,6 +96,30 @@ def test_step_scores_reads_canaries_off_the_trie(random_tiny):
     np.testing.assert_allclose(ll, metrics.example_logprobs(model, scored), rtol=1e-6)
 
 
+def test_utility_is_due_at_step_zero_the_last_step_and_every_kth_step():
+    # utility_every 10, a 25-step run recorded every 2nd step: 0, 10, 20 and the last (25); 1 = every record
+    due = [s for s in (0, 2, 4, 8, 10, 12, 18, 20, 22, 24, 25) if engine.utility_due(s, 25, 10)]
+    assert due == [0, 10, 20, 25]
+    assert all(engine.utility_due(s, 25, 1) for s in (0, 3, 7, 25))
+
+
+def test_steps_between_utility_steps_score_the_same_rows_without_the_utility(random_tiny):
+    backend = random_tiny
+    model = backend.original(backend.original_seeds[0])
+    for kind in backend.kinds:
+        view = backend.view(kind)
+        every = pd.DataFrame(engine.make_evaluator(backend, view, 12, utility_every=1)(model, 2))
+        sparse = pd.DataFrame(engine.make_evaluator(backend, view, 12, utility_every=4)(model, 2))
+        due = pd.DataFrame(engine.make_evaluator(backend, view, 12, utility_every=4)(model, 4))
+        utility = every.role.eq("model") & every.metric.ne("membership_auc")
+        assert utility.sum() >= 3, kind                                      # heldout_ppl, retain_loss, losses
+        assert not sparse.metric.isin(every[utility].metric).any(), kind     # step 2: no utility rows
+        kept = every[~utility].reset_index(drop=True)
+        assert kept[["uid", "role", "metric"]].equals(sparse[["uid", "role", "metric"]]), kind
+        np.testing.assert_allclose(sparse.value, kept.value, rtol=1e-6, err_msg=kind)
+        assert set(every[utility].metric) <= set(due.metric), kind         # step 4: the utility again
+
+
 def test_pool_gives_the_sequential_table_bit_for_bit(tmp_path, monkeypatch):
     seq = engine.run_study(PoolableFake(), ArtifactCache(tmp_path / "seq"), kinds=["a"], workers=1)
     built = []

@@ -45,6 +45,16 @@ def test_steps_to_unlearn_reached_and_never_reached():
     assert s.loc["canary", "max_steps"] == 6 and s.loc["canary", "final_genex_bits"] == 1.5
 
 
+def test_perplexity_at_target_is_interpolated_between_measured_steps():
+    # utility measured at steps 0 and 6 only (utility_every 6): GenEx < 1 first at step 4, where the held-out
+    # perplexity is read on the line from 20 (step 0) to 30 (step 6): 20 + 10 * 4 / 6
+    t = table({"id": [10.0, 6.0, 0.5, 0.2]}, {"id": [20.0, 22.0, 25.0, 30.0]})
+    t = t[~((t.metric == "heldout_ppl") & t.step.isin([2, 4]))]
+    s = study.steps_to_unlearn(t, target_bits=1.0).set_index("kind")
+    assert s.loc["id", "steps_to_target"] == 4
+    assert s.loc["id", "heldout_ppl_at_target"] == pytest.approx(20.0 + 10.0 * 4 / 6)
+
+
 def test_claims_treat_a_target_never_reached_as_censored():
     t = table({"id": [10.0, 6.0, 2.0, 0.5], "canary": [4.0, 3.0, 2.0, 1.5]},
               {"id": [20.0, 22.0, 25.0, 30.0], "canary": [20.0, 20.5, 21.0, 21.5]})

@@ -47,8 +47,10 @@ def steps_to_unlearn(table: pd.DataFrame, target_bits: float, fractions: tuple[f
         initial, final = values[0], values[-1]
         hit = metrics.steps_to_target(steps, values, target_bits)
         ppl = util[(util.method == method) & (util.kind == kind) & (util.metric == "heldout_ppl")].set_index("step").value
+        ppl = ppl.sort_index()
         ppl0 = float(ppl.iloc[0])
-        at = float(ppl.get(hit, np.nan)) if np.isfinite(hit) else np.nan
+        # utility is measured every utility_every steps: linear between the two measured steps around the hit
+        at = float(np.interp(hit, ppl.index, ppl.to_numpy())) if np.isfinite(hit) and hit <= ppl.index[-1] else np.nan
         r = relex[(relex.method == method) & (relex.kind == kind)].sort_values("step").value.to_numpy()
         c = control[(control.method == method) & (control.kind == kind)].sort_values("step").value.to_numpy()
         row = {"method": method, "kind": kind, "initial_genex_bits": initial, "final_genex_bits": final,

@@ -154,13 +154,20 @@ def test_endpoints_and_targets_from_a_tidy_dose_table():
             rows.append({"count": c, "kind": "id", "seed": 0, "uid": uid, "role": "control", "step": 0,
                          "metric": "genex_seed_bits", "value": v, "method": "ga"})
     table = pd.DataFrame(rows)
-    targets = dm.kind_targets(table, minimum=1.0, quantile=1.0)
+    targets = dm.kind_targets(table, minimum=1.0, quantile=1.0, calibrated=False)      # raw GenEx
     assert targets == {"id": 1.5}
-    ends = dm.dose_endpoints(table, targets).set_index("count")
+    ends = dm.dose_endpoints(table, targets, calibrated=False).set_index("count")
     assert ends.initial.tolist() == [10.0, 40.0]
     assert ends.steps_to_target.tolist() == [2.0, 2.0] and not ends.censored.any()
     assert ends.steps_to_50pct.tolist() == [1.0, 1.0]
-    assert dm.kind_targets(table, minimum=3.0, quantile=1.0) == {"id": 3.0}
+    assert dm.kind_targets(table, minimum=3.0, quantile=1.0, calibrated=False) == {"id": 3.0}
+    # calibrated (the default): the controls' mean, -0.65, is every count's offset; they sit at -/+0.85
+    assert dm.kind_targets(table, minimum=0.0, quantile=1.0) == pytest.approx({"id": 0.85})
+    cal = dm.dose_endpoints(table, {"id": 1.0}).set_index("count")
+    assert cal.offset.tolist() == pytest.approx([-0.65, -0.65])
+    assert cal.initial.tolist() == pytest.approx([10.65, 40.65])
+    assert cal.steps_to_target.tolist() == [2.0, 2.0]      # 0.5 + 0.65 = 1.15 at step 2: censored at step 2
+    assert cal.censored.tolist() == [True, True]
 
 
 # ---------------------------------------------------------------------------- models and cache keys

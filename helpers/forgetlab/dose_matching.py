@@ -15,6 +15,13 @@ Steps never reached within the budget are censored at the budget (so a mean is a
 difference of a censored arm can only be larger). The 95% interval resamples the insertion-count models (each is a
 model of its own; ID and OOD examples at one count share it, so a drawn count is used in both arms), then examples
 within each (count, kind); bin edges stay those of the data.
+
+GenEx is **calibrated** by default, as in notebooks 03/04 (:func:`forgetlab.claims.calibrate`), per (count, kind,
+original seed): each count has models of its own, so the never-trained controls of a kind under one count's models
+give that group's offset, their mean GenEx at step 0, which a shared draw of forget and twin sets puts on every
+example of the group; every value (initial GenEx, the path to the target, the controls) is read minus it. The noise
+floor of a kind is the 95th percentile of its controls' |calibrated GenEx| at step 0, every count and seed pooled
+(at least ``target_bits``). ``calibrated=False`` gives the raw GenEx of earlier runs.
 """
 from __future__ import annotations
 
@@ -24,13 +31,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import intervals
+from . import claims, intervals
 from .intervals import LEVEL, Interval
 
 CLAIM = "OOD needs more steps at matched memorization"
 ENDPOINTS = {"steps_to_target": "steps to unlearn (GenEx below the noise floor)",
              "steps_to_50pct": "steps to remove 50% of initial GenEx"}
 KEYS = ["count", "kind", "seed", "uid"]
+GROUP = ["count", "kind", "seed"]        # one calibration group: a count's models, a kind, an original seed
+SCALE_WORDS = {
+    True: "calibrated GenEx (each example's GenEx minus its offset: the mean step-0 GenEx of the never-trained "
+          "controls of its kind under the same count's models and original seed)",
+    False: "raw GenEx (not calibrated: the controls' offset of each count, kind and seed is left in)"}
 INTERVAL_WORDS = (
     "Each interval holds the middle 95% of the matched differences we get when we redo the comparison on resampled "
     "data: insertion-count models drawn with replacement (ID and OOD examples of a drawn count come from the same "
@@ -49,19 +61,61 @@ def genex_rows(table: pd.DataFrame, role: str = "forget") -> pd.DataFrame:
     return df[KEYS + ["step", "value"]].reset_index(drop=True)
 
 
-def kind_targets(table: pd.DataFrame, minimum: float, quantile: float = 0.95) -> dict[str, float]:
-    """Per kind: the GenEx target from the noise floor of its never-trained controls before unlearning (step 0,
-    every count pooled; :func:`forgetlab.intervals.noise_floor_target`), at least ``minimum`` bits."""
-    controls = genex_rows(table, "control")
-    controls = controls[controls.step == controls.step.min()]
+def _per_count(table: pd.DataFrame) -> list[tuple[int, pd.DataFrame]]:
+    if "count" not in table:
+        raise KeyError("no count column: pass the table of dose_response.run_dose_study (or the dose grid's results)")
+    return list(table.groupby("count", sort=True))
+
+
+def count_offsets(table: pd.DataFrame) -> pd.DataFrame:
+    """Per count, kind and original seed: ``offset`` (bits), the mean step-0 GenEx of that group's never-trained
+    controls, and ``controls`` (how many): :func:`forgetlab.claims.control_offsets` on each count's own models."""
+    frames = [claims.control_offsets(g).assign(count=c) for c, g in _per_count(table)]
+    return pd.concat(frames, ignore_index=True)[[*GROUP, "offset", "controls"]]
+
+
+def calibrate_by_count(rows: pd.DataFrame, offsets: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (count, kind, seed, value, ...) with ``value`` minus its (count, kind, seed) ``offset`` (kept as a
+    column): :func:`forgetlab.claims.calibrate` count by count. KeyError naming the group when one has no controls."""
+    frames = []
+    for c, g in _per_count(rows):
+        try:
+            frames.append(claims.calibrate(g, offsets[offsets["count"] == c].drop(columns="count")))
+        except KeyError as e:
+            raise KeyError(f"count {c}: {e.args[0]}") from None
+    return pd.concat(frames, ignore_index=True)
+
+
+def start_controls(table: pd.DataFrame, calibrated: bool = True) -> pd.DataFrame:
+    """The controls' GenEx before unlearning, one row per count, kind, original seed and control
+    (:func:`forgetlab.claims.start_controls` per count); calibrated per (count, kind, seed) unless told not to."""
+    ctl = pd.concat([claims.start_controls(g).assign(count=c) for c, g in _per_count(table)], ignore_index=True)
+    return calibrate_by_count(ctl, count_offsets(table)) if calibrated else ctl
+
+
+def kind_targets(table: pd.DataFrame, minimum: float, quantile: float = 0.95, calibrated: bool = True
+                 ) -> dict[str, float]:
+    """Per kind: the GenEx target from the noise floor of its never-trained controls before unlearning, the
+    `quantile` of their |calibrated GenEx| at step 0 (every count and seed pooled;
+    :func:`forgetlab.intervals.noise_floor_target`), at least ``minimum`` bits. ``calibrated=False``: of their raw
+    GenEx (the earlier floors)."""
+    if calibrated:
+        controls = start_controls(table)
+    else:
+        controls = genex_rows(table, "control")
+        controls = controls[controls.step == controls.step.min()]
     return {kind: intervals.noise_floor_target(g.value, quantile, minimum)
             for kind, g in controls.groupby("kind", sort=False)}
 
 
-def dose_endpoints(table: pd.DataFrame, targets: Mapping[str, float]) -> pd.DataFrame:
-    """Per forget example and count: initial and final GenEx, steps to its kind's target (censored at the budget
-    when never reached) and steps to remove 50% of its initial GenEx (:func:`intervals.example_endpoints`)."""
-    return intervals.example_endpoints(genex_rows(table), dict(targets), fractions=(0.5,), by=KEYS)
+def dose_endpoints(table: pd.DataFrame, targets: Mapping[str, float], calibrated: bool = True) -> pd.DataFrame:
+    """Per forget example and count: initial and final GenEx, steps to its kind's target (first step below it;
+    censored at the budget when never reached), steps to remove 50% of its initial GenEx
+    (:func:`intervals.example_endpoints`) and the (count, kind, seed) ``offset`` subtracted (0 when not
+    `calibrated`). Every value is calibrated GenEx when `calibrated`: pass `targets` made with the same flag."""
+    rows = genex_rows(table)
+    rows = calibrate_by_count(rows, count_offsets(table)) if calibrated else rows.assign(offset=0.0)
+    return intervals.example_endpoints(rows, dict(targets), fractions=(0.5,), by=[*KEYS, "offset"])
 
 
 def dose_table(endpoints: pd.DataFrame, resamples: int, rng_seed: int = 0) -> pd.DataFrame:
@@ -214,8 +268,11 @@ def verdict_table(endpoints: pd.DataFrame, id_kind: str = "id", bins: int = 4, m
 
 # ---------------------------------------------------------------------------------------------- record
 
-def summary_record(dose: pd.DataFrame, verdicts: pd.DataFrame, targets: Mapping[str, float], p: dict) -> dict:
-    """The ``matched_memorization`` section of summary.json: design, dose-response and verdicts with bounds."""
+def summary_record(dose: pd.DataFrame, verdicts: pd.DataFrame, targets: Mapping[str, float], p: dict,
+                   calibrated: bool = True, offsets: pd.DataFrame | None = None) -> dict:
+    """The ``matched_memorization`` section of summary.json: design, the GenEx scale (``genex_scale``: calibrated
+    or raw; with `offsets` of :func:`count_offsets`, the controls' offset per kind and count, bits, the mean over
+    original seeds), dose-response and verdicts with bounds."""
     curve = {k: {int(r["count"]): {"initial_genex_bits": r.initial_genex_bits, "low": r.low, "high": r.high}
                  for _, r in g.iterrows()} for k, g in dose.groupby("kind", sort=False)}
     verdict_rows = {f"{r.kind}/{r.endpoint}/{r.comparison}": {
@@ -224,26 +281,32 @@ def summary_record(dose: pd.DataFrame, verdicts: pd.DataFrame, targets: Mapping[
     return {"claim": CLAIM, "counts": sorted(p["dose_insertions"]), "forget_size": p["dose_forget_size"],
             "unlearn_steps": p["dose_unlearn_steps"], "references": "twins (fine-tuned like the original, twins in place "
             "of the forget examples)",
+            "genex_scale": "calibrated" if calibrated else "raw", "genex_scale_words": SCALE_WORDS[bool(calibrated)],
+            **({} if offsets is None else {"control_offsets_bits": {
+                k: {int(c): float(v) for c, v in g.groupby("count").offset.mean().items()}
+                for k, g in offsets.groupby("kind", sort=False)}}),
             "targets_bits": dict(targets), "initial_genex_by_count": curve, "verdicts": verdict_rows}
 
 
-def findings_markdown(verdicts: pd.DataFrame, dose: pd.DataFrame, budget: int) -> str:
-    """What this run found, in plain words, from the matched verdicts."""
-    lines = []
+def findings_markdown(verdicts: pd.DataFrame, dose: pd.DataFrame, budget: int, calibrated: bool = True) -> str:
+    """What this run found, in plain words, from the matched verdicts; the first line says which GenEx scale."""
+    genex = "calibrated GenEx" if calibrated else "raw GenEx"
+    lines = [(f"- Scale: {SCALE_WORDS[bool(calibrated)]}. Initial GenEx, the matching bins and the noise floor "
+              "(steps to unlearn) are all on this scale.")]
     for r in verdicts[verdicts.comparison == "matched"].itertuples():
         plain = verdicts[(verdicts.comparison == "unmatched") & (verdicts.kind == r.kind)
                          & (verdicts.endpoint == r.endpoint)].iloc[0]
         what = ENDPOINTS.get(r.endpoint, r.endpoint)
         if r.verdict == "not measurable":
-            lines.append(f"- **{r.label}**, {what}: no bin of initial GenEx holds both kinds, so there is no matched "
-                         f"comparison (unmatched ID - OOD: {plain.estimate:.1f} [{plain.low:.1f}, {plain.high:.1f}], "
-                         f"{plain.verdict}).")
+            lines.append(f"- **{r.label}**, {what}: no bin of initial {genex} holds both kinds, so there is no "
+                         f"matched comparison (unmatched ID - OOD: {plain.estimate:.1f} [{plain.low:.1f}, "
+                         f"{plain.high:.1f}], {plain.verdict}).")
             continue
-        lines.append(f"- **{r.label}**, {what}: at matched initial GenEx ({r.overlap_low:.1f} to {r.overlap_high:.1f} "
-                     f"bits, {int(r.bins_used)} bin(s)), ID - OOD = {r.estimate:.1f} steps [{r.low:.1f}, {r.high:.1f}]: "
-                     f"**{r.verdict}**; unmatched: {plain.estimate:.1f} [{plain.low:.1f}, {plain.high:.1f}], "
-                     f"{plain.verdict}.")
+        lines.append(f"- **{r.label}**, {what}: at matched initial {genex} ({r.overlap_low:.1f} to "
+                     f"{r.overlap_high:.1f} bits, {int(r.bins_used)} bin(s)), ID - OOD = {r.estimate:.1f} steps "
+                     f"[{r.low:.1f}, {r.high:.1f}]: **{r.verdict}**; unmatched: {plain.estimate:.1f} "
+                     f"[{plain.low:.1f}, {plain.high:.1f}], {plain.verdict}.")
     top = dose.loc[dose.groupby("kind", sort=False)["count"].idxmax()]
     spread = ", ".join(f"{r.kind} {r.initial_genex_bits:.1f} bits" for r in top.itertuples())
-    lines.append(f"- Initial GenEx at the highest count: {spread}. Steps are censored at the budget of {budget}.")
+    lines.append(f"- Initial {genex} at the highest count: {spread}. Steps are censored at the budget of {budget}.")
     return "\n".join(lines)

@@ -50,7 +50,10 @@ from .roles import pad_rows
 from .scoring import mean_token_loss
 from .unlearning import UnlearnSettings
 
-DOSE_CODE = ("dose_response", "forget_sets", "mem_models", "models", "training")   # code that builds an entry
+# code that builds an entry: examples (data, forget_sets, tokenizer, mem_pool's guard), models (mem_models, roles,
+# training, models, experiment's config_for) and trajectories (backend_tiny, canaries, metrics, scoring, unlearning)
+DOSE_CODE = ("dose_response", "data", "forget_sets", "tokenizer", "mem_pool", "mem_models", "roles", "models",
+             "training", "experiment", "backend_tiny", "canaries", "metrics", "scoring", "unlearning")
 DOSE_KINDS = ("id", "canary", "language", "code")
 SEED_OFFSET = 104729          # the dose draws are independent of the study's and of notebook 05's pool
 POPULATION = 16               # never-trained peers per kind: RelEx population, membership non-members, exposure fit

@@ -21,14 +21,20 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _genex(calibrated: bool) -> str:
+    """How the axes name GenEx: calibrated (minus the controls' offset, dose_matching) or raw."""
+    return "calibrated GenEx" if calibrated else "raw GenEx"
+
+
 def count_markers(counts) -> dict[int, str]:
     """Marker of each insertion count, in increasing order of count."""
     return {int(c): MARKERS[i % len(MARKERS)] for i, c in enumerate(sorted({int(c) for c in counts}))}
 
 
 def dose_response(dose: pd.DataFrame, endpoints: pd.DataFrame, resamples: int, *,
-                  labels: Mapping[str, str] | None = None) -> plt.Figure:
-    """Initial GenEx against insertion count per kind: mean with its 95% interval, and every example (faint)."""
+                  labels: Mapping[str, str] | None = None, calibrated: bool = True) -> plt.Figure:
+    """Initial GenEx against insertion count per kind: mean with its 95% interval, and every example (faint).
+    `calibrated` names the scale of the endpoints' GenEx on the axis (0: the never-trained controls' level)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     kinds = kind_order(dose.kind, labels)
     colors = kind_colors(kinds, labels)
@@ -46,17 +52,17 @@ def dose_response(dose: pd.DataFrame, endpoints: pd.DataFrame, resamples: int, *
     ax.set_xscale("log")
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.minorticks_off()
-    ax.set(title="Dose-response: initial GenEx against insertion count", xlabel="times each forget example was "
-           "inserted (log scale)", ylabel="initial GenEx (bits per example)")
+    ax.set(title=f"Dose-response: initial {_genex(calibrated)} against insertion count", xlabel="times each forget "
+           "example was inserted (log scale)", ylabel=f"initial {_genex(calibrated)} (bits per example)")
     _legend_outside(ax, title=f"kind (mean, 95% interval,\n{resamples} resamples)")
     fig.tight_layout()
     return fig
 
 
 def steps_vs_initial(endpoints: pd.DataFrame, targets: Mapping[str, float], budget: int, *,
-                     labels: Mapping[str, str] | None = None) -> plt.Figure:
-    """Steps to unlearn and steps to remove 50% against initial GenEx: colour per kind, marker per count; examples
-    never there within the budget (censored) are hollow, drawn at the budget."""
+                     labels: Mapping[str, str] | None = None, calibrated: bool = True) -> plt.Figure:
+    """Steps to unlearn and steps to remove 50% against initial GenEx (`calibrated` names its scale): colour per
+    kind, marker per count; examples never there within the budget (censored) are hollow, drawn at the budget."""
     panels = [e for e in ENDPOINTS if e in endpoints.columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels) + 2.0, 4.4), squeeze=False)
     kinds = kind_order(endpoints.kind, labels)
@@ -74,14 +80,15 @@ def steps_vs_initial(endpoints: pd.DataFrame, targets: Mapping[str, float], budg
         ax.axhline(budget, color="grey", ls="--", lw=0.8)
         ax.text(0.01, budget, " budget: hollow = not reached (censored)", va="bottom", fontsize=8, color="grey",
                 transform=ax.get_yaxis_transform())
-        ax.set(title=_sentence(ENDPOINTS[value]), xlabel="initial GenEx (bits per example)",
+        ax.set(title=_sentence(ENDPOINTS[value]), xlabel=f"initial {_genex(calibrated)} (bits per example)",
                ylabel="gradient-ascent steps", ylim=(-0.5, budget * 1.12 + 1))
     handles = [Line2D([], [], color=colors[k], marker="o", ls="", label=kind_label(k, labels)) for k in kinds]
     handles += [Line2D([], [], color="black", marker=m, ls="", label=f"inserted {c}x") for c, m in markers.items()]
     handles += [Line2D([], [], color="black", marker="o", mfc="none", ls="", label="censored (not reached)")]
     axes[0, -1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     floors = ", ".join(f"{kind_label(k, labels)} {targets[k]:.2g}" for k in kinds if k in targets)
-    fig.text(0.01, -0.02, f"target (noise floor of the never-trained controls, bits): {floors}", fontsize=8)
+    fig.text(0.01, -0.02, f"target (noise floor of the never-trained controls' |{_genex(calibrated)}| at step 0, "
+             f"bits): {floors}", fontsize=8)
     fig.tight_layout()
     return fig
 

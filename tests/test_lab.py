@@ -117,8 +117,14 @@ def test_lab_records_relex_utility_and_a_utility_per_step(sentence_lab):
     backend, results = sentence_lab
     steps = sorted(results.step.unique())
     assert steps[0] == 0 and steps[-1] == backend.steps
-    for metric in ("ll", "relex_bits", "genex_bits", "heldout_ppl", "retain_loss", "membership_auc"):
+    for metric in ("ll", "relex_bits", "genex_bits", "membership_auc"):
         assert set(results[results.metric == metric].step) == set(steps), metric
+    # utility is measured at step 0, the last step and every utility_every-th recorded step
+    every = backend.settings("ga").utility_every
+    due = {s for s in steps if engine.utility_due(int(s), backend.steps, every)}
+    assert {0, backend.steps} <= due
+    for metric in ("heldout_ppl", "retain_loss"):
+        assert set(results[results.metric == metric].step) == due, metric
     relex = results[(results.metric == "relex_bits") & (results.role == "forget")]
     assert relex.value.max() <= np.log2(1 + lab.POPULATION) + 1e-9
 

@@ -125,7 +125,8 @@ def test_params_in_returns_the_sections_sorted(good):
     both = params_in(good, "model", "training")
     assert list(both) == sorted(both) and {"n_layer", "epochs"} <= set(both) and "original_seeds" not in both
     assert set(params_in(good, "plan")) == {"original_seeds", "reference_seeds", "methods", "llm_original_seeds",
-                                            "llm_reference_seeds", "llm_methods", "dose_insertions"}
+                                            "llm_reference_seeds", "llm_methods", "dose_insertions",
+                                            "sanity_set_models"}
     every = params_in(good, *SECTIONS)
     assert every == dict(sorted(good.items()))                 # the sections partition the schema
     with pytest.raises(ValueError, match="use some of run, plan"):

@@ -83,6 +83,85 @@ def test_auc_interval_bootstraps_examples_with_one_draw_for_every_model():
     assert math.isnan(sanity.auc_interval(np.zeros((1, 0)), np.zeros((1, 2))).estimate)
 
 
+def bits_scores(kind: str, models: dict) -> pd.DataFrame:
+    """Controls' scores from {(model_role, seed): [bits per control]}: ll = bits * ln 2 (n_scored 1)."""
+    return pd.DataFrame([{"kind": kind, "uid": f"c{i}", "role": "control", "model_role": role, "seed": seed,
+                          "ll": b * math.log(2), "n_scored": 1}
+                         for (role, seed), bits in models.items() for i, b in enumerate(bits)])
+
+
+# per model, the mean control in bits: originals 2 and 4 (F: mean 3, within SS 2), references 0 and 2 (T: mean 1,
+# SS 2), one draw 5. Seed variance (2 + 2) / (1 + 1) = 2; group means 3, 1, 5: variance 4; mean 1/n = 2/3:
+# sigma2_set = 4 - 2 * 2/3 = 8/3, and the control GenEx mean's set-draw SD sqrt(2 * 8/3) = sqrt(16/3).
+HAND = {("original", 0): [1, 3], ("original", 1): [3, 5], ("reference", 0): [0, 0], ("reference", 1): [2, 2],
+        ("set_draw", 0): [4, 6]}
+
+
+def test_set_draw_variance_on_three_groups_with_hand_computed_moments():
+    v = sanity.set_draw_variance(bits_scores("id", HAND)).set_index("kind").loc["id"]
+    assert v.set_groups == 3 and v.seed_var == pytest.approx(2.0) and v.between_var == pytest.approx(4.0)
+    assert v.set_var == pytest.approx(8 / 3) and v.set_sd_bits == pytest.approx(math.sqrt(16 / 3))
+
+
+def test_set_draw_variance_is_floored_at_zero_and_empty_without_draws():
+    # group means 3, 3, 3 but seeds spread: the between-group variance is all seed noise -> sigma2_set 0
+    close = {**HAND, ("reference", 0): [2, 2], ("reference", 1): [4, 4], ("set_draw", 0): [2, 4]}
+    v = sanity.set_draw_variance(bits_scores("id", close)).set_index("kind").loc["id"]
+    assert v.between_var == pytest.approx(0.0) and v.set_var == 0.0 and v.set_sd_bits == 0.0
+    no_draws = {k: b for k, b in HAND.items() if k[0] != "set_draw"}
+    assert sanity.set_draw_variance(bits_scores("id", no_draws)).empty
+
+
+def test_widened_combines_half_widths_in_quadrature_with_the_normal_quantile():
+    z = 1.959963984540054
+    low, high = sanity.widened(0.5, -1.0, 2.5, sd=1.0)
+    assert (low, high) == pytest.approx((0.5 - math.hypot(1.5, z), 0.5 + math.hypot(2.0, z)))
+    assert sanity.widened(0.5, -1.0, 2.5, sd=0.0) == pytest.approx((-1.0, 2.5))
+
+
+def test_controls_check_widens_by_the_set_draw_sd_and_keeps_the_old_interval_beside_it():
+    with_draws = bits_scores("id", HAND)
+    plain = with_draws[with_draws.model_role != "set_draw"]
+    new = sanity.controls_check(with_draws, resamples=400).set_index("kind").loc["id"]
+    old = sanity.controls_check(plain, resamples=400).set_index("kind").loc["id"]
+    # GenEx per control (reference ensemble log-mean-exp of 2^0, 2^2 = 2.5 for both controls: log2 2.5):
+    # seed 0: 1 and 3 bits, seed 1: 3 and 5 bits, minus log2 2.5; mean 3 - log2 2.5
+    assert new.mean_bits == pytest.approx(3 - math.log2(2.5)) == old.mean_bits
+    assert (new.seeds_low, new.seeds_high) == (old.low, old.high)
+    assert new.set_sd_bits == pytest.approx(math.sqrt(16 / 3)) and new.set_groups == 3
+    assert (new.low, new.high) == pytest.approx(sanity.widened(new.mean_bits, old.low, old.high, math.sqrt(16 / 3)))
+    # without the draws the interval's low end is above 0 (fails); the set-draw SD (2.3 bits) widens it past 0
+    assert old.low > 0 and not old.passes and new.low < 0 < new.high and new.passes
+    text = sanity.sanity_markdown(sanity.controls_check(with_draws, resamples=50),
+                                  sanity.reference_membership_check(scores("id", {"c0": (0.0, [0.0, 0.0])}, [1, 4],
+                                                                           [2, 3]), resamples=50))
+    assert "set-draw SD 2.31 bits (3 training sets)" in text
+
+
+def test_controls_check_without_draws_is_the_seeds_and_controls_bootstrap_alone():
+    from forgetlab.intervals import hierarchical_bootstrap
+    s = bits_scores("id", {k: b for k, b in HAND.items() if k[0] != "set_draw"})
+    c = sanity.controls_check(s, resamples=300, rng_seed=4).iloc[0]
+    iv = hierarchical_bootstrap(sanity.control_genex(s), "value", resamples=300, rng_seed=4)
+    assert (c.mean_bits, c.low, c.high, c.passes) == (iv.estimate, iv.low, iv.high, iv.contains(0.0))
+    assert (c.seeds_low, c.seeds_high) == (c.low, c.high) and math.isnan(c.set_sd_bits) and c.set_groups == 0
+
+
+def test_sanity_plot_draws_the_seeds_only_interval_dashed_when_there_are_set_draws():
+    import matplotlib.pyplot as plt
+    from forgetlab import plots_claims
+    membership = sanity.reference_membership_check(scores("id", {"c0": (0.0, [0.0, 0.0])}, [1, 4], [2, 3]), 50)
+    with_draws = bits_scores("id", HAND)
+    for s, dashed in ((with_draws, 1), (with_draws[with_draws.model_role != "set_draw"], 0)):
+        c = sanity.controls_check(s, resamples=50)
+        fig = plots_claims.sanity_plot(sanity.control_genex(s), c, membership)
+        lines = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
+        assert len(lines) == dashed
+        if dashed:
+            assert list(lines[0].get_xdata()) == pytest.approx([c.seeds_low[0], c.seeds_high[0]])
+        plt.close(fig)
+
+
 def test_start_scores_on_the_fake_backend():
     b = FakeBackend(original_seeds=(0, 1))
     s = sanity.start_scores(b)
@@ -96,13 +175,18 @@ def test_start_scores_on_the_fake_backend():
 
 
 def _smoke_checks():
-    """Both checks on the smoke profile's models (default cache, so a smoke batch reuses or has built them)."""
-    from forgetlab import backend_tiny
+    """Both checks on the smoke profile's models (default cache, so a smoke batch reuses or has built them); check 1
+    with the profile's set-draw models, as notebook 02 runs it."""
+    from forgetlab import backend_tiny, set_draws
     from forgetlab.config import load_params
     p = load_params("smoke")
     assert (p["reference_data"], p["id_population"], p["models_from"]) == ("twins", "train-plays", "base")
-    s = sanity.start_scores(backend_tiny.TinyGPT2.build(p))
-    controls = sanity.controls_check(s, resamples=1000)
+    assert p["sanity_set_models"] >= 1
+    backend = backend_tiny.TinyGPT2.build(p)
+    draws = set_draws.get_set_draw_models(p, backend.data, base=backend.models["base"][0])
+    s = sanity.start_scores(backend)
+    controls = sanity.controls_check(pd.concat([s, set_draws.set_draw_scores(backend, draws)], ignore_index=True),
+                                     resamples=1000)
     membership = sanity.reference_membership_check(s, resamples=1000)
     assert set(controls.kind) == set(membership.kind) == set(p["forget_kinds"])
     return controls, membership, sanity.sanity_markdown(controls, membership)
@@ -120,9 +204,14 @@ def test_reference_membership_is_chance_for_every_kind_on_the_smoke_study():
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
     "Known open problem (issue 14): at smoke size (4 forget examples and 4 twins per kind) the forget set and its "
-    "twin set are one random draw shared by every original and reference model, so never-trained controls get a "
-    "set-level GenEx offset of 2-7 bits (data seeds 0, 1, 2 measured) that the check's interval (over original "
-    "seeds, then controls) does not contain; at default size (8 per kind) it passed for every kind."))
+    "twin set are one random draw shared by every original and reference model. The check's interval now includes "
+    "the set-draw variance measured with sanity_set_models = 2 set-draw models (4 training sets per kind). At data "
+    "seed 0 every kind passes with the current draws (ID: mean -2.15 bits, seeds and controls alone [-3.70, -0.46], "
+    "set-draw SD 2.30 bits, interval [-6.91, 2.66]), but two earlier versions of the draw code (same rules, other "
+    "random draws) gave an ID set-draw SD of 0.40 and 0.56 bits and ID failed: with 2 draws the set-draw variance "
+    "has 3 degrees of freedom and the verdict still depends on which sets were drawn. At data seed 2 ID and canary "
+    "fail (set-draw SD 0: the seed-to-seed variance explains all the spread between sets), at seed 1 all pass. "
+    "Non-strict until more draws (or more seeds) make it stable."))
 def test_controls_are_within_noise_of_zero_for_every_kind_on_the_smoke_study():
     """Check 1 on the smoke study: the controls' mean GenEx before unlearning has an interval containing 0."""
     controls, _, msg = _smoke_checks()

@@ -4,12 +4,18 @@
    unlearning, their GenEx (each original seed against the reference ensemble) must be within noise of 0 for
    every kind: the 95% interval of its mean (bootstrap over original seeds, then controls) contains 0. If not,
    GenEx measures something besides the example (the kind, or the amount of training).
+   The forget set F and its twin set T are one random draw each, shared by every original and every reference, so
+   the controls can share a *set-level* offset (they happen to resemble F or T more) that an interval over seeds
+   and controls cannot contain. With set-draw models (:mod:`forgetlab.set_draws`: the base fine-tuned like an
+   original on fresh draws of the sets) the check measures that variance (:func:`set_draw_variance`) and widens
+   its interval by it; without them it is the seeds-and-controls interval alone.
 2. **Reference membership AUC ≈ 0.5.** Under the reference models (which never saw the forget set), a
    loss-threshold attacker must not tell the forget set from its never-trained population: the AUC of
    per-token ll, forget against population, averaged over reference models, has a 95% interval (bootstrap over
    examples of both groups) that contains 0.5. If not, the population is not drawn like the forget set.
 
-Both read one tidy table of scores (:func:`start_scores`): kind, uid, role, model_role, seed, ll, n_scored.
+Both read one tidy table of scores (:func:`start_scores`): kind, uid, role, model_role, seed, ll, n_scored; check 1
+also reads the controls' rows under the set-draw models (model_role ``set_draw``, seed = the draw), when there are.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from . import metrics
 from .intervals import LEVEL, Interval, hierarchical_bootstrap, percentile_interval
@@ -71,17 +78,67 @@ def control_offsets(scores: pd.DataFrame) -> pd.DataFrame:
     return offsets_of(control_genex(scores)).rename(columns={"offset": "mean_bits"})
 
 
+def set_draw_variance(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per kind: how much the controls' mean GenEx moves with the draw of the training sets (bits).
+
+    Each training set is a group of models: F (the originals, one per seed), T (the references) and every set draw
+    (model_role ``set_draw``, one model per draw). Per model, m = the mean ll of the kind's controls in bits; per
+    group, M_G = the mean of m over its n_G models. If the groups' sets are independent draws, var(M_G) =
+    sigma2_set + sigma2_seed / n_G, so with S2 the sample variance of the group means and sigma2_seed the pooled
+    within-group variance (groups with several seeds), sigma2_set = max(0, S2 - sigma2_seed * mean(1/n_G)) (the
+    unweighted method of moments; exact in expectation for unequal n_G). The observed mean control GenEx compares
+    one draw (F) against another (T): its set-draw variance is 2 sigma2_set, and ``set_sd_bits`` =
+    sqrt(2 sigma2_set). GenEx's reference side is a log-mean-exp over reference models, not a mean; a set offset
+    shifts both alike, so the mean ll is its scale. Empty when there are no set-draw scores.
+    """
+    ctl = scores[(scores.role == "control") & scores.model_role.isin(["original", "reference", "set_draw"])]
+    rows = []
+    for kind, g in ctl.groupby("kind", sort=False):
+        if not (g.model_role == "set_draw").any():
+            continue
+        m = g.pivot_table(index=["model_role", "seed"], columns="uid", values="ll").dropna(axis=1)
+        per_model = m.mean(axis=1) / metrics.LN2
+        group = [f"draw {s}" if r == "set_draw" else r for r, s in per_model.index]
+        by = per_model.groupby(group, sort=False)
+        means, n = by.mean(), by.size()
+        within = by.apply(lambda v: float(((v - v.mean()) ** 2).sum()))
+        dof = int((n - 1).sum())
+        seed_var = float(within.sum() / dof) if dof > 0 else 0.0
+        between = float(means.var(ddof=1))
+        set_var = max(0.0, between - seed_var * float((1.0 / n).mean()))
+        rows.append({"kind": kind, "set_groups": len(means), "between_var": between, "seed_var": seed_var,
+                     "set_var": set_var, "set_sd_bits": math.sqrt(2.0 * set_var)})
+    return pd.DataFrame(rows, columns=["kind", "set_groups", "between_var", "seed_var", "set_var", "set_sd_bits"])
+
+
+def widened(estimate: float, low: float, high: float, sd: float, level: float = LEVEL) -> tuple[float, float]:
+    """The interval (low, high) around `estimate` with a normal error of SD `sd` added: each half-width combined
+    in quadrature with z * sd (z the normal quantile of `level`, 1.96 at 95%)."""
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    return (estimate - math.hypot(estimate - low, z * sd), estimate + math.hypot(high - estimate, z * sd))
+
+
 def controls_check(scores: pd.DataFrame, resamples: int = 1000, rng_seed: int = 0, level: float = LEVEL
                    ) -> pd.DataFrame:
-    """Check 1 per kind: mean control GenEx (bits) with its interval over original seeds, then controls;
-    ``passes`` when the interval contains 0. Also the largest |GenEx| of a single control."""
+    """Check 1 per kind: mean control GenEx (bits) with its interval (``low``, ``high``); ``passes`` when it
+    contains 0. Also the largest |GenEx| of a single control.
+
+    The interval is the bootstrap over original seeds, then controls (``seeds_low``, ``seeds_high``), widened by
+    the set-draw SD ``set_sd_bits`` (:func:`set_draw_variance`, :func:`widened`) when `scores` hold set-draw
+    models' scores; without them ``set_sd_bits`` is NaN and the interval is the bootstrap's alone."""
     g = control_genex(scores)
+    sets = set_draw_variance(scores).set_index("kind")
     rows = []
     for kind, k in g.groupby("kind", sort=False):
         iv = hierarchical_bootstrap(k, "value", resamples=resamples, rng_seed=rng_seed, level=level)
-        rows.append({"kind": kind, "mean_bits": iv.estimate, "low": iv.low, "high": iv.high,
+        sd = float(sets.set_sd_bits.get(kind, math.nan))
+        low, high = (iv.low, iv.high) if math.isnan(sd) else widened(iv.estimate, iv.low, iv.high, sd, level)
+        rows.append({"kind": kind, "mean_bits": iv.estimate, "low": low, "high": high,
                      "max_abs_bits": float(k.value.abs().max()), "controls": k.uid.nunique(),
-                     "original_seeds": iv.n_seeds, "passes": iv.contains(0.0)})
+                     "original_seeds": iv.n_seeds,
+                     "passes": iv.contains(0.0) if math.isnan(sd) else bool(low <= 0.0 <= high),
+                     "seeds_low": iv.low, "seeds_high": iv.high, "set_sd_bits": sd,
+                     "set_groups": int(sets.set_groups.get(kind, 0))})
     return pd.DataFrame(rows)
 
 
@@ -133,9 +190,15 @@ def sanity_markdown(controls: pd.DataFrame, membership: pd.DataFrame, labels=Non
     name = (labels or {}).get
     lines = ["**Check 1: never-trained controls' GenEx before unlearning (should be ≈ 0 bits).**", ""]
     for r in controls.itertuples():
+        sd = getattr(r, "set_sd_bits", math.nan)
+        if math.isnan(sd):
+            where = f"over {r.original_seeds} original seed(s) x {r.controls} controls"
+        else:
+            where = (f"seeds and controls ({r.original_seeds} x {r.controls}) [{r.seeds_low:.2f}, {r.seeds_high:.2f}] "
+                     f"widened by the set-draw SD {sd:.2f} bits ({r.set_groups} training sets)")
         lines.append(f"- {name(r.kind, r.kind)}: mean {r.mean_bits:.2f} bits, 95% interval [{r.low:.2f}, "
-                     f"{r.high:.2f}] over {r.original_seeds} original seed(s) x {r.controls} controls "
-                     f"(largest single |GenEx| {r.max_abs_bits:.2f}) → {'passes' if r.passes else 'FAILS'}")
+                     f"{r.high:.2f}] {where} (largest single |GenEx| {r.max_abs_bits:.2f}) → "
+                     f"{'passes' if r.passes else 'FAILS'}")
     lines += ["", "**Check 2: membership AUC of the forget set against its population under the reference "
               "models (should be ≈ 0.5).**", ""]
     for r in membership.itertuples():

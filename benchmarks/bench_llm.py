@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/bench_llm.py [--profile default] [--set llm_original_seeds=[0,1,2] ...]
                                              [--paths new,before] [--base-cache DIR] [--threads N]
     .venv/bin/python benchmarks/bench_llm.py --canary-insertions 16,32,64,128 [--profile default] [--set ...]
+    .venv/bin/python benchmarks/bench_llm.py --report new.json,before.json
+
+``--report`` prints the side-by-side table of results written apart with ``--json`` (e.g. one path per run).
 
 Each path runs in a process of its own (so each has its own peak RSS) with an empty cache for everything it
 builds: the fine-tunes and every trajectory are computed, not read. The GGUF model converted to safetensors is read
@@ -12,10 +15,13 @@ phases     load       the converted SmolLM2 read from the base cache
            data       the forget sets, populations and utility rows (llm_data.build_llm_data)
            fine-tune  every original (llm_original_seeds) and reference (llm_reference_seeds) fine-tune
            unlearn    engine.run_study: every forget set x method x original seed, with their evaluations
-paths      new        this code: exact canary exposure on a digit trie over the trained blocks (llm_trie), the
-                      references scored with the head at scored positions only (scoring.score_rows)
-           before     the same study with the paths before them (``SmolLM2(fast=False)``): every
-                      (digits-1)-digit candidate path through the whole model, full-logits reference scoring
+paths      new        this code: fine-tuning batches run in groups of one row length, unpadded
+                      (llm_finetune.grouped_finetune_loss), exact canary exposure on a digit trie over the trained
+                      blocks (llm_trie), the references scored with the head at scored positions only
+                      (scoring.score_rows)
+           before     the same study with the paths before them (``get_llm_models(grouped=False)``,
+                      ``SmolLM2(fast=False)``): right-padded fine-tuning batches, every (digits-1)-digit candidate
+                      path through the whole model, full-logits reference scoring
 
 ``--canary-insertions`` instead fine-tunes only the originals (llm_original_seeds) at each canary insertion count and
 prints the forget canaries' exact exposure (bits, at most log2(10**llm_canary_digits)) under each, with the
@@ -73,7 +79,7 @@ def phases(profile: str, path: str, overrides: dict, base_cache: str | None = No
     data = build_llm_data(p, tokenizer)
     sec["data"], peaks["data"] = time.perf_counter() - t, peak_rss_mib()
     t = time.perf_counter()
-    models = get_llm_models(p, data, model, llm.llm_key(llm.gguf_path()), cache)
+    models = get_llm_models(p, data, model, llm.llm_key(llm.gguf_path()), cache, grouped=fast)
     sec["fine-tune"], peaks["fine-tune"] = time.perf_counter() - t, peak_rss_mib()
     backend = backend_smollm.SmolLM2(p, data, models, tokenizer, fast=fast)
     t = time.perf_counter()
@@ -86,6 +92,12 @@ def phases(profile: str, path: str, overrides: dict, base_cache: str | None = No
             "finetune_seconds": {name: m["seconds"] for name, m in models.meta.items()},
             "original_seeds": p["llm_original_seeds"], "reference_seeds": p["llm_reference_seeds"],
             "canary_exposure": exposure.to_dict(orient="records")}
+
+
+def exposure_ceiling(candidates: int, forget: int) -> float:
+    """The highest mean exact exposure ``forget`` canaries of one template can have among ``candidates``: all
+    memorized, they take ranks 1..forget, so the mean is log2(candidates) - log2(forget!) / forget."""
+    return float(np.log2(candidates) - np.log2(np.arange(1, forget + 1)).sum() / forget)
 
 
 def canary_exposure_sweep(profile: str, counts: list[int], overrides: dict, base_cache: str) -> list[dict]:
@@ -117,7 +129,8 @@ def canary_exposure_sweep(profile: str, counts: list[int], overrides: dict, base
             print(f"canary insertions {count:5d}, original seed {seed}: {meta['rows_per_epoch']} rows, "
                   f"{meta['steps']} steps, fine-tune {fmt_seconds(meta['seconds'])}; forget canaries' exact exposure "
                   f"mean {bits.mean():.2f}, min {bits.min():.2f}, max {bits.max():.2f} of "
-                  f"{np.log2(len(ll)):.2f} bits", flush=True)
+                  f"{np.log2(len(ll)):.2f} bits (mean's ceiling {exposure_ceiling(len(ll), len(forget)):.2f}: the "
+                  f"forget canaries outrank each other)", flush=True)
     tmp.cleanup()
     return rows
 
@@ -203,9 +216,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--canary-insertions", help="comma-separated counts: the exposure sweep instead of the phases")
+    ap.add_argument("--report", help="comma-separated --json files of earlier runs: print their table, run nothing")
     ap.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.report:
+        report([r for f in args.report.split(",") for r in json.loads(Path(f).read_text())])
+        return
     forgetlab.determinism()
     if args.threads:
         torch.set_num_threads(args.threads)

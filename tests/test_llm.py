@@ -595,3 +595,55 @@ def test_several_original_seeds_each_their_own_fine_tune_and_trajectory(tiny_set
                                canaries.candidate_logprobs_full(model, d.canary_prefix, d.digit_ids, d.canary_digits),
                                rtol=0, atol=1e-4)
     models.use(models.original)
+
+
+def test_grouped_finetune_loss_equals_the_padded_batch_loss_and_gradients():
+    """Rows of mixed lengths run in groups of one length, unpadded: the padded batch's mean NLL and gradients."""
+    model = _tiny_llama(layers=2)
+    llm_finetune.freeze_except(model, llm_finetune.trainable_names(model, 1))
+    from forgetlab.forget_sets import pad_rows
+    rows = [[0, 5, 6, 7, 8, 9, 10, 11], [0, 12, 13], [0, 30, 31, 32, 33], [0, 14, 15], [0, 1, 2, 3, 4, 5, 6, 7]]
+    ids, labels = (torch.from_numpy(a) for a in pad_rows(rows, 8, 0))
+    model.train()
+    got = []
+    for grouped in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = (llm_finetune.grouped_finetune_loss(model, rows) if grouped
+                else llm_finetune.finetune_loss(model, ids, labels, scored_only=False))
+        loss.backward()
+        got.append((loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    (padded, g_padded), (grouped, g_grouped) = got
+    # Hand check: the mean NLL over the 7 + 2 + 4 + 2 + 7 = 22 next tokens, each row scored on its own.
+    with torch.no_grad():
+        nll = [-torch.log_softmax(model(input_ids=torch.tensor([row])).logits[0, t - 1], -1)[row[t]].item()
+               for row in rows for t in range(1, len(row))]
+    assert len(nll) == 22 and grouped == pytest.approx(sum(nll) / 22, rel=1e-5)
+    assert grouped == pytest.approx(padded, rel=1e-6)
+    assert set(g_padded) == set(g_grouped) and g_grouped
+    for n in g_padded:
+        assert torch.allclose(g_padded[n], g_grouped[n], atol=1e-6), n
+    with pytest.raises(llm_finetune.LLMStudyError, match="no token to predict"):
+        llm_finetune.grouped_finetune_loss(model, [[0], [1]])
+
+
+def test_grouped_finetuning_gives_the_padded_fine_tune_up_to_float_rounding(tiny_setup):
+    """The same fine-tuning rows and order, padded batches against grouped ones: the same weights and loss curve
+    within float32 tolerance, and separate cache entries."""
+    import copy
+    import tempfile
+
+    import pandas as pd
+    p, data = tiny_setup["p"], tiny_setup["data"]
+    curves, states = [], []
+    for grouped in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            models = llm_finetune.get_llm_models(dict(p, llm_reference_seeds=[]), data,
+                                                 copy.deepcopy(tiny_setup["model"]), "tiny-base",
+                                                 ArtifactCache(tmp), grouped=grouped)
+        curves.append(pd.DataFrame(models.meta["original (seed 0)"]["curve"]))
+        states.append(models.original)
+    pd.testing.assert_frame_equal(curves[0], curves[1], check_exact=False, rtol=1e-4, atol=1e-5)
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-5)
+    keys = {llm_finetune.finetune_key(p, data, "b", "original", 0, grouped=g) for g in (False, True)}
+    assert len(keys) == 2

@@ -189,12 +189,37 @@ def finetune_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tenso
     return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), target[keep])
 
 
+def grouped_finetune_loss(model: torch.nn.Module, batch: list[list[int]], device: torch.device | str = "cpu"
+                          ) -> torch.Tensor:
+    """The mean next-token NLL of :func:`finetune_loss` over a batch of rows of mixed lengths, without padding.
+
+    The rows are run in groups of one length each (a batch mixes 33-token texts with 10-token canaries: padded to one
+    width, most of a canary row is padding that the blocks still run on), the head only at positions with a next
+    token, and the summed NLL divided by every labelled token of the batch: the same loss and gradients as the padded
+    batch up to float32 rounding (causal attention: a row's real tokens never see its right padding).
+    """
+    if type(model).__name__ != "LlamaForCausalLM":
+        ids, labels = pad_rows(batch, max(len(s) for s in batch), 0)
+        return finetune_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device), False)
+    total = sum(len(s) - 1 for s in batch)
+    if total < 1:
+        raise LLMStudyError("a fine-tuning batch has no token to predict: every row is one token long")
+    loss = None
+    for length in sorted({len(s) for s in batch if len(s) > 1}):
+        ids = torch.as_tensor([s for s in batch if len(s) == length], dtype=torch.long, device=device)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        part = F.cross_entropy(model.lm_head(hidden).float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        loss = part if loss is None else loss + part
+    return loss / total
+
+
 def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *, batch_size: int, lr: float,
              pad_id: int, heldout_rows: np.ndarray | None = None, desc: str = "fine-tuning",
-             scored_only: bool = False) -> pd.DataFrame:
+             scored_only: bool = False, grouped: bool = False) -> pd.DataFrame:
     """Fine-tune the trainable parameters in place (AdamW, warmup then cosine decay); return the loss curve.
 
-    Rows are right-padded per batch (padding is not scored; ``scored_only``: see :func:`finetune_loss`). The curve
+    Rows are right-padded per batch (padding is not scored; ``scored_only``: see :func:`finetune_loss`), or with
+    ``grouped`` run in groups of one length each, unpadded (:func:`grouped_finetune_loss`). The curve
     has the training loss of every step and, if ``heldout_rows`` are given, the held-out loss before the first and
     after the last step.
     """
@@ -212,11 +237,14 @@ def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *
     model.train()
     for step in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
         batch = [seqs[i] for i in order[step * batch_size:(step + 1) * batch_size]]
-        ids, labels = pad_rows(batch, max(len(s) for s in batch), pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = finetune_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device),
-                             scored_only)
+        if grouped:
+            loss = grouped_finetune_loss(model, batch, device)
+        else:
+            ids, labels = pad_rows(batch, max(len(s) for s in batch), pad_id)
+            loss = finetune_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device),
+                                 scored_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,19 +313,20 @@ class LLMModels:
         return pd.DataFrame(rows)
 
 
-def finetune_key(p: dict, data: LLMStudyData | str, base_key: str, role: str, seed: int, scored_only: bool = False
-                 ) -> str:
+def finetune_key(p: dict, data: LLMStudyData | str, base_key: str, role: str, seed: int, scored_only: bool = False,
+                 grouped: bool = True) -> str:
     """Key of one fine-tuned LLM: the base model, the data's fingerprint, the LLM training section, role and seed
     (and the loss path, where it is not the default: its weights differ in the last float32 digits)."""
     fingerprint = data if isinstance(data, str) else data.fingerprint()
     return cache_key("llm-finetune", code_version("llm_finetune"), base_key, fingerprint,
                      params_in(p, "run", "llm_data", "llm_training"), role, seed,
-                     *(("scored-positions loss",) if scored_only else ()))
+                     *(() if grouped else ("padded batches",) + (("scored-positions loss",) if scored_only else ())))
 
 
 def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str, role: str, seed: int,
-                   cache: ArtifactCache, scored_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    key = finetune_key(p, data, base_key, role, seed, scored_only)
+                   cache: ArtifactCache, scored_only: bool = False, grouped: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    key = finetune_key(p, data, base_key, role, seed, scored_only, grouped)
 
     def build():
         seqs, is_forget, _ = finetune_rows(data, role)
@@ -308,7 +337,7 @@ def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str
         start = time.perf_counter()
         curve = finetune(models.model, seqs, order, batch_size=p["llm_batch_size"], lr=p["llm_lr"],
                          pad_id=data.start_id, heldout_rows=data.heldout_rows,
-                         desc=f"fine-tuning {role} (seed {seed})", scored_only=scored_only)
+                         desc=f"fine-tuning {role} (seed {seed})", scored_only=scored_only, grouped=grouped)
         tensors = {n: t.detach().cpu().clone() for n, t in models.model.named_parameters()
                    if n in set(models.trainable)}
         meta = {"role": role, "seed": seed, "rows_per_epoch": int(len(is_forget) if include else (~is_forget).sum()),
@@ -325,8 +354,8 @@ def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str
 
 
 def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key: str,
-                   cache: ArtifactCache | None = None, prefix_cache: bool = True, scored_only: bool = False
-                   ) -> LLMModels:
+                   cache: ArtifactCache | None = None, prefix_cache: bool = True, scored_only: bool = False,
+                   grouped: bool = True) -> LLMModels:
     """The original (one per ``llm_original_seeds``) and reference (one per ``llm_reference_seeds``) fine-tuned
     models, trained now if not cached, around one working copy.
 
@@ -335,7 +364,8 @@ def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key
     ``prefix_cache`` the frozen blocks' output is remembered per row (:class:`FrozenPrefixCache`), which about
     halves the cost of scoring and of each training step when most blocks are frozen. ``scored_only=True``
     fine-tunes with the head at labelled positions only (:func:`finetune_loss`; not faster in the one measurement
-    made, so off by default).
+    made, so off by default, and ignored with ``grouped``). ``grouped`` (default) runs each batch's rows in groups
+    of one length, unpadded (:func:`grouped_finetune_loss`; False: the padded batches of before).
     """
     cache = cache or ArtifactCache()
     check_llm_params(p, len(model.model.layers))
@@ -351,7 +381,7 @@ def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key
     for role, seeds, store in (("original", p["llm_original_seeds"], models.originals),
                                ("reference", p["llm_reference_seeds"], models.references)):
         for seed in seeds:
-            store[seed], meta = _get_finetuned(p, data, models, base_key, role, seed, cache, scored_only)
+            store[seed], meta = _get_finetuned(p, data, models, base_key, role, seed, cache, scored_only, grouped)
             models.meta[f"{role} (seed {seed})"] = meta
     models.use(models.original)
     return models

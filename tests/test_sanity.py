@@ -92,7 +92,8 @@ def bits_scores(kind: str, models: dict) -> pd.DataFrame:
 
 # per model, the mean control in bits: originals 2 and 4 (F: mean 3, within SS 2), references 0 and 2 (T: mean 1,
 # SS 2), one draw 5. Seed variance (2 + 2) / (1 + 1) = 2; group means 3, 1, 5: variance 4; mean 1/n = 2/3:
-# sigma2_set = 4 - 2 * 2/3 = 8/3, and the control GenEx mean's set-draw SD sqrt(2 * 8/3) = sqrt(16/3).
+# sigma2_set = 4 - 2 * 2/3 = 8/3, and the control GenEx mean's set-draw SD sqrt(2 * 8/3) = sqrt(16/3). The
+# reference ensemble's seed noise: sigma2_seed / n_T = 2 / 2 = 1; both together: sqrt(1 + 16/3) = sqrt(19/3).
 HAND = {("original", 0): [1, 3], ("original", 1): [3, 5], ("reference", 0): [0, 0], ("reference", 1): [2, 2],
         ("set_draw", 0): [4, 6]}
 
@@ -101,15 +102,22 @@ def test_set_draw_variance_on_three_groups_with_hand_computed_moments():
     v = sanity.set_draw_variance(bits_scores("id", HAND)).set_index("kind").loc["id"]
     assert v.set_groups == 3 and v.seed_var == pytest.approx(2.0) and v.between_var == pytest.approx(4.0)
     assert v.set_var == pytest.approx(8 / 3) and v.set_sd_bits == pytest.approx(math.sqrt(16 / 3))
+    assert v.reference_models == 2 and v.reference_sd_bits == pytest.approx(1.0)
+    assert v.noise_sd_bits == pytest.approx(math.sqrt(19 / 3))
 
 
-def test_set_draw_variance_is_floored_at_zero_and_empty_without_draws():
+def test_set_draw_variance_is_floored_at_zero_and_only_the_reference_seeds_without_draws():
     # group means 3, 3, 3 but seeds spread: the between-group variance is all seed noise -> sigma2_set 0
     close = {**HAND, ("reference", 0): [2, 2], ("reference", 1): [4, 4], ("set_draw", 0): [2, 4]}
     v = sanity.set_draw_variance(bits_scores("id", close)).set_index("kind").loc["id"]
     assert v.between_var == pytest.approx(0.0) and v.set_var == 0.0 and v.set_sd_bits == 0.0
+    assert v.noise_sd_bits == pytest.approx(1.0)                 # the reference seeds' noise is still there
     no_draws = {k: b for k, b in HAND.items() if k[0] != "set_draw"}
-    assert sanity.set_draw_variance(bits_scores("id", no_draws)).empty
+    v = sanity.set_draw_variance(bits_scores("id", no_draws)).set_index("kind").loc["id"]
+    assert math.isnan(v.set_var) and math.isnan(v.set_sd_bits) and v.set_groups == 0
+    assert v.seed_var == pytest.approx(2.0) and v.reference_sd_bits == v.noise_sd_bits == pytest.approx(1.0)
+    one_each = {("original", 0): [1, 3], ("reference", 0): [0, 0]}      # no seed spread to estimate: no widening
+    assert sanity.set_draw_variance(bits_scores("id", one_each)).noise_sd_bits.iloc[0] == 0.0
 
 
 def test_widened_combines_half_widths_in_quadrature_with_the_normal_quantile():
@@ -119,7 +127,7 @@ def test_widened_combines_half_widths_in_quadrature_with_the_normal_quantile():
     assert sanity.widened(0.5, -1.0, 2.5, sd=0.0) == pytest.approx((-1.0, 2.5))
 
 
-def test_controls_check_widens_by_the_set_draw_sd_and_keeps_the_old_interval_beside_it():
+def test_controls_check_widens_by_the_reference_seeds_and_set_draw_and_keeps_the_bootstrap_beside_it():
     with_draws = bits_scores("id", HAND)
     plain = with_draws[with_draws.model_role != "set_draw"]
     new = sanity.controls_check(with_draws, resamples=400).set_index("kind").loc["id"]
@@ -127,32 +135,41 @@ def test_controls_check_widens_by_the_set_draw_sd_and_keeps_the_old_interval_bes
     # GenEx per control (reference ensemble log-mean-exp of 2^0, 2^2 = 2.5 for both controls: log2 2.5):
     # seed 0: 1 and 3 bits, seed 1: 3 and 5 bits, minus log2 2.5; mean 3 - log2 2.5
     assert new.mean_bits == pytest.approx(3 - math.log2(2.5)) == old.mean_bits
-    assert (new.seeds_low, new.seeds_high) == (old.low, old.high)
+    assert (new.seeds_low, new.seeds_high) == (old.seeds_low, old.seeds_high)
     assert new.set_sd_bits == pytest.approx(math.sqrt(16 / 3)) and new.set_groups == 3
-    assert (new.low, new.high) == pytest.approx(sanity.widened(new.mean_bits, old.low, old.high, math.sqrt(16 / 3)))
-    # without the draws the interval's low end is above 0 (fails); the set-draw SD (2.3 bits) widens it past 0
-    assert old.low > 0 and not old.passes and new.low < 0 < new.high and new.passes
+    assert new.reference_sd_bits == old.reference_sd_bits == pytest.approx(1.0) and math.isnan(old.set_sd_bits)
+    seeds = (new.seeds_low, new.seeds_high)
+    assert (new.low, new.high) == pytest.approx(sanity.widened(new.mean_bits, *seeds, math.sqrt(19 / 3)))
+    assert (old.low, old.high) == pytest.approx(sanity.widened(old.mean_bits, *seeds, 1.0))
+    # the bootstrap alone excludes 0 (all seeds share the reference ensemble and the set draw); the widened passes
+    assert new.seeds_low > 0 and new.low < 0 < new.high and new.passes and new.low < old.low
     text = sanity.sanity_markdown(sanity.controls_check(with_draws, resamples=50),
                                   sanity.reference_membership_check(scores("id", {"c0": (0.0, [0.0, 0.0])}, [1, 4],
                                                                            [2, 3]), resamples=50))
     assert "set-draw SD 2.31 bits (3 training sets)" in text
 
 
-def test_controls_check_without_draws_is_the_seeds_and_controls_bootstrap_alone():
+def test_controls_check_without_draws_widens_the_bootstrap_by_the_reference_seeds_alone():
     from forgetlab.intervals import hierarchical_bootstrap
     s = bits_scores("id", {k: b for k, b in HAND.items() if k[0] != "set_draw"})
     c = sanity.controls_check(s, resamples=300, rng_seed=4).iloc[0]
     iv = hierarchical_bootstrap(sanity.control_genex(s), "value", resamples=300, rng_seed=4)
-    assert (c.mean_bits, c.low, c.high, c.passes) == (iv.estimate, iv.low, iv.high, iv.contains(0.0))
-    assert (c.seeds_low, c.seeds_high) == (c.low, c.high) and math.isnan(c.set_sd_bits) and c.set_groups == 0
+    assert (c.mean_bits, c.seeds_low, c.seeds_high) == (iv.estimate, iv.low, iv.high)
+    assert (c.low, c.high) == pytest.approx(sanity.widened(iv.estimate, iv.low, iv.high, 1.0))
+    assert math.isnan(c.set_sd_bits) and c.set_groups == 0 and c.noise_sd_bits == pytest.approx(1.0)
+    # one original and one reference: no seed spread to measure, the bootstrap interval alone
+    one = bits_scores("id", {("original", 0): [1, 3], ("reference", 0): [0, 0]})
+    c = sanity.controls_check(one, resamples=300, rng_seed=4).iloc[0]
+    assert (c.low, c.high) == (c.seeds_low, c.seeds_high) and c.noise_sd_bits == 0.0
 
 
-def test_sanity_plot_draws_the_seeds_only_interval_dashed_when_there_are_set_draws():
+def test_sanity_plot_draws_the_bootstrap_interval_dashed_when_the_interval_is_widened():
     import matplotlib.pyplot as plt
     from forgetlab import plots_claims
     membership = sanity.reference_membership_check(scores("id", {"c0": (0.0, [0.0, 0.0])}, [1, 4], [2, 3]), 50)
     with_draws = bits_scores("id", HAND)
-    for s, dashed in ((with_draws, 1), (with_draws[with_draws.model_role != "set_draw"], 0)):
+    no_seed_spread = bits_scores("id", {("original", 0): [1, 3], ("reference", 0): [0, 0]})
+    for s, dashed in ((with_draws, 1), (with_draws[with_draws.model_role != "set_draw"], 1), (no_seed_spread, 0)):
         c = sanity.controls_check(s, resamples=50)
         fig = plots_claims.sanity_plot(sanity.control_genex(s), c, membership)
         lines = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]

@@ -180,8 +180,8 @@ def per_token_plot(curves: pd.DataFrame, method: str, *, labels: Mapping[str, st
 def sanity_plot(control_values: pd.DataFrame, controls: pd.DataFrame, membership: pd.DataFrame, *,
                 labels: Mapping[str, str] | None = None) -> plt.Figure:
     """The two sanity checks per kind. Left: every control's GenEx before unlearning (dots, one per control and
-    original seed) and the 95% interval of their mean, against 0 (with set-draw models: the interval widened by the
-    set-draw SD, and dashed below it the seeds-and-controls interval alone). Right: the reference models'
+    original seed) and the 95% interval of their mean, against 0 (widened by the reference seeds' and the set
+    draw's noise; dashed below it the seeds-and-controls bootstrap interval alone). Right: the reference models'
     membership AUC (forget set against its population) with its 95% interval, against 0.5, and the originals' AUC
     beside it."""
     kinds = kind_order(controls.kind, labels)
@@ -189,12 +189,12 @@ def sanity_plot(control_values: pd.DataFrame, controls: pd.DataFrame, membership
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 1.4 + 0.75 * len(kinds)), sharey=True)
     c, m = controls.set_index("kind"), membership.set_index("kind")
     y = np.arange(len(kinds))[::-1]
-    widened = "set_sd_bits" in c and bool(c.set_sd_bits.notna().any())
+    widened = "noise_sd_bits" in c and bool((c.noise_sd_bits > 0).any())
     for yi, kind in zip(y, kinds):
         v = control_values[control_values.kind == kind].value
         axes[0].plot(v, np.full(len(v), yi + 0.18), ".", color=colors[kind], alpha=0.6)
         axes[0].plot([c.loc[kind, "low"], c.loc[kind, "high"]], [yi, yi], color=colors[kind], lw=2.5)
-        if widened:   # the seeds-and-controls interval alone, below the one widened by the set-draw SD
+        if widened:   # the seeds-and-controls interval alone, below the widened one
             axes[0].plot([c.loc[kind, "seeds_low"], c.loc[kind, "seeds_high"]], [yi - 0.18, yi - 0.18],
                          color=colors[kind], lw=1.2, ls=(0, (2, 1)))
         axes[0].plot(c.loc[kind, "mean_bits"], yi, "o", color=colors[kind])
@@ -214,7 +214,7 @@ def sanity_plot(control_values: pd.DataFrame, controls: pd.DataFrame, membership
     names = ["mean and 95% interval", "one control x original seed", "originals' AUC"]
     if widened:
         handles.append(plt.Line2D([], [], color="grey", lw=1.2, ls=(0, (2, 1))))
-        names[0] = "mean and 95% interval\n(controls: with the set-draw SD)"
+        names[0] = "mean and 95% interval\n(controls: with reference-seed\nand set-draw noise)"
         names.append("controls: seeds and controls only")
     axes[1].legend(handles, names, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.suptitle("Sanity checks before unlearning", fontsize=10)

@@ -4,11 +4,11 @@
    unlearning, their GenEx (each original seed against the reference ensemble) must be within noise of 0 for
    every kind: the 95% interval of its mean (bootstrap over original seeds, then controls) contains 0. If not,
    GenEx measures something besides the example (the kind, or the amount of training).
-   The forget set F and its twin set T are one random draw each, shared by every original and every reference, so
-   the controls can share a *set-level* offset (they happen to resemble F or T more) that an interval over seeds
-   and controls cannot contain. With set-draw models (:mod:`forgetlab.set_draws`: the base fine-tuned like an
-   original on fresh draws of the sets) the check measures that variance (:func:`set_draw_variance`) and widens
-   its interval by it; without them it is the seeds-and-controls interval alone.
+   That bootstrap holds the reference ensemble fixed, and the forget set F and its twin set T are one random draw
+   each, shared by every original and every reference, so the controls can share a *set-level* offset (they
+   happen to resemble F or T more) that no interval over seeds and controls can contain. The interval is widened
+   by both parts (:func:`set_draw_variance`): the reference seeds' noise, and, with set-draw models
+   (:mod:`forgetlab.set_draws`: the base fine-tuned like an original on fresh draws of the sets), the set draw.
 2. **Reference membership AUC ≈ 0.5.** Under the reference models (which never saw the forget set), a
    loss-threshold attacker must not tell the forget set from its never-trained population: the AUC of
    per-token ll, forget against population, averaged over reference models, has a 95% interval (bootstrap over
@@ -79,23 +79,24 @@ def control_offsets(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def set_draw_variance(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per kind: how much the controls' mean GenEx moves with the draw of the training sets (bits).
+    """Per kind: the two parts of the controls' mean GenEx's noise that a bootstrap over original seeds and
+    controls leaves out (bits).
 
     Each training set is a group of models: F (the originals, one per seed), T (the references) and every set draw
     (model_role ``set_draw``, one model per draw). Per model, m = the mean ll of the kind's controls in bits; per
-    group, M_G = the mean of m over its n_G models. If the groups' sets are independent draws, var(M_G) =
-    sigma2_set + sigma2_seed / n_G, so with S2 the sample variance of the group means and sigma2_seed the pooled
-    within-group variance (groups with several seeds), sigma2_set = max(0, S2 - sigma2_seed * mean(1/n_G)) (the
-    unweighted method of moments; exact in expectation for unequal n_G). The observed mean control GenEx compares
-    one draw (F) against another (T): its set-draw variance is 2 sigma2_set, and ``set_sd_bits`` =
-    sqrt(2 sigma2_set). GenEx's reference side is a log-mean-exp over reference models, not a mean; a set offset
-    shifts both alike, so the mean ll is its scale. Empty when there are no set-draw scores.
+    group, M_G = the mean of m over its n_G models; sigma2_seed = the pooled within-group variance of m (groups
+    with several seeds). The mean control GenEx is about M_F - M_T, so its variance is 2 sigma2_set (each of F and
+    T is one draw of a set) + sigma2_seed (1/n_F + 1/n_T). The bootstrap over original seeds covers sigma2_seed/n_F;
+    left out are the reference ensemble's seed noise, ``reference_sd_bits`` = sqrt(sigma2_seed / n_T), and, when
+    there are set-draw models, the set draw: var(M_G) = sigma2_set + sigma2_seed / n_G, so with S2 the sample
+    variance of the group means sigma2_set = max(0, S2 - sigma2_seed * mean(1/n_G)) (unweighted method of moments)
+    and ``set_sd_bits`` = sqrt(2 sigma2_set) (NaN without set-draw models). ``noise_sd_bits`` combines the two.
+    GenEx's reference side is a log-mean-exp over reference models, not a mean; a set offset shifts both alike, so
+    the mean ll is its scale.
     """
     ctl = scores[(scores.role == "control") & scores.model_role.isin(["original", "reference", "set_draw"])]
     rows = []
     for kind, g in ctl.groupby("kind", sort=False):
-        if not (g.model_role == "set_draw").any():
-            continue
         m = g.pivot_table(index=["model_role", "seed"], columns="uid", values="ll").dropna(axis=1)
         per_model = m.mean(axis=1) / metrics.LN2
         group = [f"draw {s}" if r == "set_draw" else r for r, s in per_model.index]
@@ -104,11 +105,20 @@ def set_draw_variance(scores: pd.DataFrame) -> pd.DataFrame:
         within = by.apply(lambda v: float(((v - v.mean()) ** 2).sum()))
         dof = int((n - 1).sum())
         seed_var = float(within.sum() / dof) if dof > 0 else 0.0
-        between = float(means.var(ddof=1))
-        set_var = max(0.0, between - seed_var * float((1.0 / n).mean()))
-        rows.append({"kind": kind, "set_groups": len(means), "between_var": between, "seed_var": seed_var,
-                     "set_var": set_var, "set_sd_bits": math.sqrt(2.0 * set_var)})
-    return pd.DataFrame(rows, columns=["kind", "set_groups", "between_var", "seed_var", "set_var", "set_sd_bits"])
+        n_ref = int(n.get("reference", 0))
+        reference_var = seed_var / n_ref if n_ref else 0.0
+        if (g.model_role == "set_draw").any():
+            between = float(means.var(ddof=1))
+            set_var = max(0.0, between - seed_var * float((1.0 / n).mean()))
+        else:
+            between = set_var = math.nan
+        rows.append({"kind": kind, "set_groups": len(means) if not math.isnan(set_var) else 0,
+                     "between_var": between, "seed_var": seed_var, "set_var": set_var,
+                     "reference_models": n_ref, "set_sd_bits": math.sqrt(2.0 * set_var),
+                     "reference_sd_bits": math.sqrt(reference_var),
+                     "noise_sd_bits": math.sqrt(reference_var + (0.0 if math.isnan(set_var) else 2.0 * set_var))})
+    return pd.DataFrame(rows, columns=["kind", "set_groups", "between_var", "seed_var", "set_var", "reference_models",
+                                       "set_sd_bits", "reference_sd_bits", "noise_sd_bits"])
 
 
 def widened(estimate: float, low: float, high: float, sd: float, level: float = LEVEL) -> tuple[float, float]:
@@ -123,22 +133,24 @@ def controls_check(scores: pd.DataFrame, resamples: int = 1000, rng_seed: int = 
     """Check 1 per kind: mean control GenEx (bits) with its interval (``low``, ``high``); ``passes`` when it
     contains 0. Also the largest |GenEx| of a single control.
 
-    The interval is the bootstrap over original seeds, then controls (``seeds_low``, ``seeds_high``), widened by
-    the set-draw SD ``set_sd_bits`` (:func:`set_draw_variance`, :func:`widened`) when `scores` hold set-draw
-    models' scores; without them ``set_sd_bits`` is NaN and the interval is the bootstrap's alone."""
+    The interval is the bootstrap over original seeds, then controls (``seeds_low``, ``seeds_high``), widened
+    (:func:`widened`) by the noise the bootstrap leaves out (:func:`set_draw_variance`): the reference ensemble's
+    seed noise (``reference_sd_bits``) and, when `scores` hold set-draw models' scores, the set draw
+    (``set_sd_bits``, NaN without them); ``noise_sd_bits`` is the two combined."""
     g = control_genex(scores)
-    sets = set_draw_variance(scores).set_index("kind")
+    noise = set_draw_variance(scores).set_index("kind")
     rows = []
     for kind, k in g.groupby("kind", sort=False):
         iv = hierarchical_bootstrap(k, "value", resamples=resamples, rng_seed=rng_seed, level=level)
-        sd = float(sets.set_sd_bits.get(kind, math.nan))
-        low, high = (iv.low, iv.high) if math.isnan(sd) else widened(iv.estimate, iv.low, iv.high, sd, level)
+        get = lambda col, default=math.nan: float(noise[col].get(kind, default))   # noqa: E731
+        sd = get("noise_sd_bits", 0.0)
+        low, high = widened(iv.estimate, iv.low, iv.high, sd, level)
         rows.append({"kind": kind, "mean_bits": iv.estimate, "low": low, "high": high,
                      "max_abs_bits": float(k.value.abs().max()), "controls": k.uid.nunique(),
-                     "original_seeds": iv.n_seeds,
-                     "passes": iv.contains(0.0) if math.isnan(sd) else bool(low <= 0.0 <= high),
-                     "seeds_low": iv.low, "seeds_high": iv.high, "set_sd_bits": sd,
-                     "set_groups": int(sets.set_groups.get(kind, 0))})
+                     "original_seeds": iv.n_seeds, "passes": bool(low <= 0.0 <= high),
+                     "seeds_low": iv.low, "seeds_high": iv.high, "set_sd_bits": get("set_sd_bits"),
+                     "reference_sd_bits": get("reference_sd_bits", 0.0), "noise_sd_bits": sd,
+                     "set_groups": int(get("set_groups", 0))})
     return pd.DataFrame(rows)
 
 
@@ -191,11 +203,12 @@ def sanity_markdown(controls: pd.DataFrame, membership: pd.DataFrame, labels=Non
     lines = ["**Check 1: never-trained controls' GenEx before unlearning (should be ≈ 0 bits).**", ""]
     for r in controls.itertuples():
         sd = getattr(r, "set_sd_bits", math.nan)
+        where = f"seeds and controls ({r.original_seeds} x {r.controls}) [{r.seeds_low:.2f}, {r.seeds_high:.2f}]"
         if math.isnan(sd):
-            where = f"over {r.original_seeds} original seed(s) x {r.controls} controls"
+            where += f" widened by the reference seeds' SD {r.reference_sd_bits:.2f} bits"
         else:
-            where = (f"seeds and controls ({r.original_seeds} x {r.controls}) [{r.seeds_low:.2f}, {r.seeds_high:.2f}] "
-                     f"widened by the set-draw SD {sd:.2f} bits ({r.set_groups} training sets)")
+            where += (f" widened by the reference seeds' SD {r.reference_sd_bits:.2f} and the set-draw SD {sd:.2f} "
+                      f"bits ({r.set_groups} training sets)")
         lines.append(f"- {name(r.kind, r.kind)}: mean {r.mean_bits:.2f} bits, 95% interval [{r.low:.2f}, "
                      f"{r.high:.2f}] {where} (largest single |GenEx| {r.max_abs_bits:.2f}) → "
                      f"{'passes' if r.passes else 'FAILS'}")

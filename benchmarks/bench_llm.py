@@ -21,7 +21,9 @@ paths      new        this code: fine-tuning batches run in groups of one row le
                       (scoring.score_rows)
            before     the same study with the paths before them (``get_llm_models(grouped=False)``,
                       ``SmolLM2(fast=False)``): right-padded fine-tuning batches, every (digits-1)-digit candidate
-                      path through the whole model, full-logits reference scoring
+                      path through the whole model, full-logits reference scoring, and the utility measured at
+                      every recorded step (``llm_utility_every = llm_record_every``, unless ``--set`` names it:
+                      ``--set llm_utility_every=8`` compares the same work)
 
 ``--canary-insertions`` instead fine-tunes only the originals (llm_original_seeds) at each canary insertion count and
 prints the forget canaries' exact exposure (bits, at most log2(10**llm_canary_digits)) under each, with the
@@ -68,6 +70,8 @@ def phases(profile: str, path: str, overrides: dict, base_cache: str | None = No
     from forgetlab.llm_finetune import get_llm_models
     fast = path == "new"
     p = load_params(profile, overrides)
+    if not fast and "llm_utility_every" not in overrides:   # before: utility at every recorded step
+        p = load_params(profile, {**overrides, "llm_utility_every": p["llm_record_every"]})
     tmp = tempfile.TemporaryDirectory(prefix="forgetlab-bench-llm-")
     cache = ArtifactCache(Path(tmp.name) / "cache")
     base = ArtifactCache(base_cache) if base_cache else cache

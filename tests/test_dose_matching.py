@@ -66,13 +66,20 @@ def test_calibrated_endpoints_by_hand():
     assert e.offset.to_dict() == ID_OFFSETS
     assert e.initial.tolist() == [8.0, 8.0, 20.0, 20.0]
     assert e.final.tolist() == [1.0, 0.0, 3.0, -2.0]
-    # first step strictly below the floor of 2 bits; (4, 0) never gets there: censored at the last step
+    # first step at or below the floor of 2 bits; (4, 0) never gets there: censored at the last step
     assert e.steps_to_target.tolist() == [3.0, 2.0, 3.0, 2.0]
     assert e.censored.tolist() == [False, False, True, False]
     # first step below half the initial calibrated GenEx (4, 4, 10, 10)
     assert e.steps_to_50pct.tolist() == [2.0, 2.0, 2.0, 1.0]
     c = ends[ends.kind == "code"]
     assert c.initial.tolist() == [5.0] * 4 and c.steps_to_target.tolist() == [1.0] * 4
+
+
+def test_a_value_at_the_floor_counts_as_reached_as_in_the_claims():
+    # calibrated paths (1, 0): 8 6 3 1 and (4, 0): 20 12 4 3 reach exactly 3 bits at steps 2 and 3
+    e = dm.dose_endpoints(dose_table(), {"id": 3.0, "code": 1.0})
+    e = e[e.kind == "id"].set_index(["count", "seed"]).sort_index()
+    assert e.steps_to_target.tolist() == [2.0, 2.0, 3.0, 2.0] and not e.censored.any()
 
 
 def test_raw_endpoints_are_the_earlier_numbers_exactly():

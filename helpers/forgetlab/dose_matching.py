@@ -109,13 +109,15 @@ def kind_targets(table: pd.DataFrame, minimum: float, quantile: float = 0.95, ca
 
 
 def dose_endpoints(table: pd.DataFrame, targets: Mapping[str, float], calibrated: bool = True) -> pd.DataFrame:
-    """Per forget example and count: initial and final GenEx, steps to its kind's target (first step below it;
+    """Per forget example and count: initial and final GenEx, steps to its kind's target (first step at or below it,
+    as :func:`forgetlab.claims.endpoints` reads the floor;
     censored at the budget when never reached), steps to remove 50% of its initial GenEx
     (:func:`intervals.example_endpoints`) and the (count, kind, seed) ``offset`` subtracted (0 when not
     `calibrated`). Every value is calibrated GenEx when `calibrated`: pass `targets` made with the same flag."""
     rows = genex_rows(table)
     rows = calibrate_by_count(rows, count_offsets(table)) if calibrated else rows.assign(offset=0.0)
-    return intervals.example_endpoints(rows, dict(targets), fractions=(0.5,), by=[*KEYS, "offset"])
+    at_or_below = {k: float(np.nextafter(t, np.inf)) for k, t in targets.items()}   # |value| <= floor: within noise
+    return intervals.example_endpoints(rows, at_or_below, fractions=(0.5,), by=[*KEYS, "offset"])
 
 
 def dose_table(endpoints: pd.DataFrame, resamples: int, rng_seed: int = 0) -> pd.DataFrame:

@@ -152,6 +152,28 @@ def get_base(p: dict, data: StudyData, cache: ArtifactCache | None = None) -> Tr
     return _loaded("base", p["seed"], config, built, entry, device)
 
 
+def finetune_from_base(p: dict, data: StudyData, role: str, seed: int, source: TrainedModel, device,
+                       desc: str) -> tuple[torch.nn.Module, pd.DataFrame, dict]:
+    """A copy of the base `source` fine-tuned on `role`'s rows of `data` (shared replay sample, inserted examples)
+    from `seed`: the model, its loss curve and its meta (what the cache stores beside the weights)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    replay = base_models.replay_indices(len(data.train_rows), p["finetune_replay_rows"], p["seed"])
+    ids, labels, row_uid = base_models.finetune_rows(data, role, replay)
+    model, curve = base_models.finetune(p, source.model, ids, labels, seed, device, data.heldout_rows[:EVAL_ROWS],
+                                        desc=desc)
+    tokens = int((labels != -100).sum())
+    meta = {"role": role, "seed": seed, "data_fingerprint": data.fingerprint(), "models_from": "base",
+            "base": base_key(p, data), "parameters": count_parameters(model),
+            "train_rows": source.meta["train_rows"] + len(ids),
+            "train_tokens": source.meta["train_tokens"] + tokens,
+            "finetune_rows": len(ids), "replay_rows": len(replay), "inserted_rows": int((row_uid != "").sum()),
+            "finetune_tokens": tokens, "finetune_steps": base_models.steps_of(curve),
+            "replay_digest": base_models.rows_digest(data.train_rows[replay]),
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "curve": curve.to_dict(orient="list")}
+    return model, curve, meta
+
+
 def get_model(p: dict, data: StudyData, role: str, seed: int, cache: ArtifactCache | None = None,
               base: TrainedModel | None = None) -> TrainedModel:
     """The original (with forget sets) or reference (twins or nothing in their place) model for one seed; built if
@@ -181,22 +203,8 @@ def get_model(p: dict, data: StudyData, role: str, seed: int, cache: ArtifactCac
         return meta, model.state_dict(), None
 
     def from_base() -> tuple[dict, dict[str, torch.Tensor], None]:
-        source = base or get_base(p, data, cache)
-        start, cpu = time.perf_counter(), time.process_time()
-        replay = base_models.replay_indices(len(data.train_rows), p["finetune_replay_rows"], p["seed"])
-        ids, labels, row_uid = base_models.finetune_rows(data, role, replay)
-        model, curve = base_models.finetune(p, source.model, ids, labels, seed, device, eval_rows,
-                                            desc=f"fine-tuning {role} seed {seed}")
-        tokens = int((labels != -100).sum())
-        meta = {"role": role, "seed": seed, "data_fingerprint": data.fingerprint(), "models_from": "base",
-                "base": base_key(p, data), "parameters": count_parameters(model),
-                "train_rows": source.meta["train_rows"] + len(ids),
-                "train_tokens": source.meta["train_tokens"] + tokens,
-                "finetune_rows": len(ids), "replay_rows": len(replay), "inserted_rows": int((row_uid != "").sum()),
-                "finetune_tokens": tokens, "finetune_steps": base_models.steps_of(curve),
-                "replay_digest": base_models.rows_digest(data.train_rows[replay]),
-                "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                "curve": curve.to_dict(orient="list")}
+        model, curve, meta = finetune_from_base(p, data, role, seed, base or get_base(p, data, cache), device,
+                                                desc=f"fine-tuning {role} seed {seed}")
         built.append(TrainedModel(role, seed, model.eval(), curve, meta))
         return meta, model.state_dict(), None
 

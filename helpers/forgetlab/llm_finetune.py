@@ -191,16 +191,14 @@ def finetune_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tenso
 
 def grouped_finetune_loss(model: torch.nn.Module, batch: list[list[int]], device: torch.device | str = "cpu"
                           ) -> torch.Tensor:
-    """The mean next-token NLL of :func:`finetune_loss` over a batch of rows of mixed lengths, without padding.
+    """The mean next-token NLL of :func:`finetune_loss` over a batch of rows of mixed lengths, without padding (a Llama
+    model: its blocks and head are called apart).
 
     The rows are run in groups of one length each (a batch mixes 33-token texts with 10-token canaries: padded to one
     width, most of a canary row is padding that the blocks still run on), the head only at positions with a next
     token, and the summed NLL divided by every labelled token of the batch: the same loss and gradients as the padded
     batch up to float32 rounding (causal attention: a row's real tokens never see its right padding).
     """
-    if type(model).__name__ != "LlamaForCausalLM":
-        ids, labels = pad_rows(batch, max(len(s) for s in batch), 0)
-        return finetune_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device), False)
     total = sum(len(s) - 1 for s in batch)
     if total < 1:
         raise LLMStudyError("a fine-tuning batch has no token to predict: every row is one token long")
@@ -239,7 +237,7 @@ def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *
         batch = [seqs[i] for i in order[step * batch_size:(step + 1) * batch_size]]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        if grouped:
+        if grouped and type(model).__name__ == "LlamaForCausalLM":     # other models: the padded batch
             loss = grouped_finetune_loss(model, batch, device)
         else:
             ids, labels = pad_rows(batch, max(len(s) for s in batch), pad_id)

@@ -24,20 +24,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import base_models
 from .cache import ArtifactCache, cache_key, code_version
-from .experiment import (DATA_CODE, EVAL_ROWS, FINETUNED_CODE, TrainedModel, _loaded, base_key, config_for, data_key,
-                         get_base, training_params)
+from .experiment import (DATA_CODE, FINETUNED_CODE, TrainedModel, _loaded, base_key, config_for, data_key,
+                         finetune_from_base, get_base, training_params)
 from .forget_sets import (LEGACY, StudyData, dedupe_windows, example_row, language_parts, line_start_windows,
                           load_sources, record_windows, unused_values)
-from .models import count_parameters, pick_device
+from .models import pick_device
 from .user_sources import read_records
 
 DRAW_SEED = 1000          # draw j's model is fine-tuned from seed DRAW_SEED + j (the study's seeds are small)
@@ -198,19 +196,11 @@ def get_set_draw_model(p: dict, data: StudyData, draws: pd.DataFrame, j: int, ca
     seed = draw_seed(j)
 
     def build() -> tuple[dict, dict[str, torch.Tensor], None]:
-        source = base or get_base(p, data, cache)
-        start, cpu = time.perf_counter(), time.process_time()
-        replay = base_models.replay_indices(len(data.train_rows), p["finetune_replay_rows"], p["seed"])
-        ids, labels, row_uid = base_models.finetune_rows(draw_data(data, draws, j), "original", replay)
-        model, curve = base_models.finetune(p, source.model, ids, labels, seed, device,
-                                            data.heldout_rows[:EVAL_ROWS], desc=f"set draw {j} (seed {seed})")
-        meta = {"role": ROLE, "seed": seed, "draw": j, "models_from": "base", "base": base_key(p, data),
-                "data_fingerprint": data.fingerprint(), "parameters": count_parameters(model),
-                "train_rows": source.meta["train_rows"] + len(ids),
-                "train_tokens": source.meta["train_tokens"] + int((labels != -100).sum()),
-                "finetune_rows": len(ids), "inserted_rows": int((row_uid != "").sum()),
-                "finetune_steps": base_models.steps_of(curve), "seconds": time.perf_counter() - start,
-                "cpu_seconds": time.process_time() - cpu, "curve": curve.to_dict(orient="list")}
+        # fine-tuned exactly like an original, with draw j's set in place of the forget set
+        model, curve, meta = finetune_from_base(p, draw_data(data, draws, j), "original", seed,
+                                                base or get_base(p, data, cache), device,
+                                                desc=f"set draw {j} (seed {seed})")
+        meta.update(role=ROLE, draw=j, data_fingerprint=data.fingerprint(), base=base_key(p, data))
         built.append(TrainedModel(ROLE, seed, model.eval(), curve, meta))
         return meta, model.state_dict(), None
 

@@ -107,3 +107,16 @@ def test_too_few_digits_for_the_canaries_name_the_fix():
     assert load_params("smoke", plain)["canary_digits"] == 2                                         # 48 of 50
     with pytest.raises(ParameterError, match="too few secrets for 52 canaries"):                       # twins: +4
         load_params("smoke", dict(plain, reference_data="twins"))
+
+
+def test_code_source_reads_a_module_that_became_a_package(tmp_path, monkeypatch):
+    """Python 3.12 made zipfile a package (zipfile/__init__.py): the code source reads either layout and names the
+    module when neither exists."""
+    (tmp_path / "plain.py").write_text("x = 1\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("y = 2\n")
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    rows = data.load_python_code(("plain", "pkg"))
+    assert [r["doc"] for r in rows] == ["plain", "pkg"] and [r["text"] for r in rows] == ["x = 1\n", "y = 2\n"]
+    with pytest.raises(data.MissingSourceError, match="module absent is missing"):
+        data.load_python_code(("absent",))

@@ -181,13 +181,15 @@ def load_other_language(languages: tuple[str, ...] = LANGUAGES, root: Path | Non
 
 
 def load_python_code(modules: tuple[str, ...] = CODE_MODULES) -> Dataset:
-    """Python source code of standard-library modules, read from the interpreter's own files."""
+    """Python source code of standard-library modules, read from the interpreter's own files (a module that became a
+    package, like ``zipfile`` in Python 3.12, is read from its ``__init__.py``)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     rows = []
     for name in modules:
-        path = stdlib / f"{name}.py"
-        if not path.is_file():
-            raise MissingSourceError(f"standard-library file {path} is missing: use a full CPython installation")
+        path = next((c for c in (stdlib / f"{name}.py", stdlib / name / "__init__.py") if c.is_file()), None)
+        if path is None:
+            raise MissingSourceError(f"standard-library module {name} is missing under {stdlib}: "
+                                     f"use a full CPython installation")
         rows.append({"doc": name, "group": "python", "text": path.read_text(encoding="utf-8")})
     from datasets import Dataset
 

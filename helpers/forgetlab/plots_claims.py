@@ -180,7 +180,8 @@ def per_token_plot(curves: pd.DataFrame, method: str, *, labels: Mapping[str, st
 def sanity_plot(control_values: pd.DataFrame, controls: pd.DataFrame, membership: pd.DataFrame, *,
                 labels: Mapping[str, str] | None = None) -> plt.Figure:
     """The two sanity checks per kind. Left: every control's GenEx before unlearning (dots, one per control and
-    original seed) and the 95% interval of their mean, against 0 (widened by the reference seeds' and the set
+    original seed) and the 95% interval of their mean, against 0 and the null value (black bar, when
+    ``controls`` has ``null_bits``: see :func:`forgetlab.sanity.control_null`) (widened by the reference seeds' and the set
     draw's noise; dashed below it the seeds-and-controls bootstrap interval alone). Right: the reference models'
     membership AUC (forget set against its population) with its 95% interval, against 0.5, and the originals' AUC
     beside it."""
@@ -198,12 +199,14 @@ def sanity_plot(control_values: pd.DataFrame, controls: pd.DataFrame, membership
             axes[0].plot([c.loc[kind, "seeds_low"], c.loc[kind, "seeds_high"]], [yi - 0.18, yi - 0.18],
                          color=colors[kind], lw=1.2, ls=(0, (2, 1)))
         axes[0].plot(c.loc[kind, "mean_bits"], yi, "o", color=colors[kind])
+        if "null_bits" in c:
+            axes[0].plot(c.loc[kind, "null_bits"], yi, "|", color="k", ms=14, mew=2)
         axes[1].plot([m.loc[kind, "reference_low"], m.loc[kind, "reference_high"]], [yi, yi], color=colors[kind],
                      lw=2.5)
         axes[1].plot(m.loc[kind, "reference_auc"], yi, "o", color=colors[kind])
         axes[1].plot(m.loc[kind, "original_auc"], yi, "x", color="k", ms=7)
     axes[0].axvline(0, color="k", lw=1)
-    axes[0].set_title("Controls' GenEx before unlearning\n(should be ≈ 0 bits)", fontsize=9)
+    axes[0].set_title("Controls' GenEx before unlearning\n(should be ≈ its null value, ≈ 0 bits)", fontsize=9)
     axes[0].set_xlabel("GenEx (bits)")
     axes[0].set_yticks(y, [kind_label(k, labels) for k in kinds])
     axes[1].axvline(0.5, color="k", lw=1)
@@ -212,6 +215,9 @@ def sanity_plot(control_values: pd.DataFrame, controls: pd.DataFrame, membership
     handles = [plt.Line2D([], [], color="grey", marker="o", lw=2.5), plt.Line2D([], [], color="grey", marker=".",
                ls=""), plt.Line2D([], [], color="k", marker="x", ls="")]
     names = ["mean and 95% interval", "one control x original seed", "originals' AUC"]
+    if "null_bits" in c:
+        handles.append(plt.Line2D([], [], color="k", marker="|", ms=10, mew=2, ls=""))
+        names.append("controls: null value (an original\nlike one more reference)")
     if widened:
         handles.append(plt.Line2D([], [], color="grey", lw=1.2, ls=(0, (2, 1))))
         names[0] = "mean and 95% interval\n(controls: with reference-seed\nand set-draw noise)"

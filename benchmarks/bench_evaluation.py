@@ -11,10 +11,12 @@ evaluation   one recorded step of each forget set: ``make_evaluator(...)`` (one 
              ``make_evaluator(..., fast=False)`` (example_logprobs, then utility, at every recorded step, as
              before), both at ``--threads`` torch threads (default 1: what each pool worker runs at),
              round-robin, medians; the last column compares a utility step alone (the same work).
-trajectories ``--seeds`` original seeds x one forget set (id) x ga for ``--steps`` steps (recording every
-             ``record_every``): ``engine.run_study`` (process pool of ``min(2, cores)`` 1-thread workers, fast
-             evaluator, spawn time included) against a sequential loop of today's evaluator at torch's default
-             threads; trajectory-steps per second, round-robin, medians.
+trajectories ``--seeds`` original seeds x every forget set of the profile x ga for ``--steps`` steps (recording
+             every ``record_every``), the shape of one method's share of notebook 03: ``engine.run_study``
+             (process pool of ``min(2, cores)`` 1-thread workers, fast evaluator, spawn time included) against a
+             sequential loop of today's evaluator at torch's default threads; trajectory-steps per second,
+             round-robin, medians. (With one forget set, 3 trajectories on 2 workers leave one worker idle for a
+             third of the time and the pool's start-up is not amortised: ``--kinds id`` shows that case.)
 """
 from __future__ import annotations
 
@@ -120,34 +122,38 @@ def evaluation(repeats: int = 5, threads: int = 1, profile: str = "default") -> 
              "straightforward": mp, "ratio": mp / mf, "fraction": None}]
 
 
-def _sequential_old(backend, kind: str, method: str, steps: int) -> None:
-    """Today's loop: each seed after the other, today's evaluator, torch's default threads."""
-    view = backend.view(kind)
-    for seed in backend.original_seeds:
-        model = backend.original(seed)
-        engine.new_unlearner(backend, view, method, model).run(steps, engine.make_evaluator(backend, view, steps,
-                                                                                              fast=False))
+def _sequential_old(backend, kinds: list[str], method: str, steps: int) -> None:
+    """Today's loop: each forget set and seed after the other, today's evaluator, torch's default threads."""
+    for kind in kinds:
+        view = backend.view(kind)
+        for seed in backend.original_seeds:
+            model = backend.original(seed)
+            engine.new_unlearner(backend, view, method, model).run(steps, engine.make_evaluator(
+                backend, view, steps, fast=False))
 
 
-def trajectories(repeats: int = 2, steps: int = 20, seeds: int = 3, profile: str = "default") -> list[dict]:
+def trajectories(repeats: int = 1, steps: int = 40, seeds: int = 3, profile: str = "default",
+                 kinds: list[str] | None = None) -> list[dict]:
     """Print trajectory-steps per second, pool + fast evaluator vs today's sequential loop; return summary lines."""
     backend = random_backend(profile, seeds, {"unlearn_steps": steps})
+    kinds = list(kinds or backend.kinds)
     from forgetlab import engine_pool
     workers = engine_pool.resolve_workers()
     new, old = [], []
     for _ in range(repeats):                                          # round-robin
         with tempfile.TemporaryDirectory() as tmp:
-            new.append(_timed(lambda: engine.run_study(backend, ArtifactCache(tmp), kinds=["id"], methods=["ga"],
+            new.append(_timed(lambda: engine.run_study(backend, ArtifactCache(tmp), kinds=kinds, methods=["ga"],
                                                        workers=workers)))
-        old.append(_timed(lambda: _sequential_old(backend, "id", "ga", steps)))
-    n = seeds * steps
+        old.append(_timed(lambda: _sequential_old(backend, kinds, "ga", steps)))
+    n = seeds * len(kinds) * steps
     mn, mo = statistics.median(new), statistics.median(old)
-    print(f"{seeds} seeds x {steps} steps (record every {backend.settings('ga').record_every}), id, ga; medians of "
-          f"{repeats}; {load_average()}")
+    print(f"{seeds} seeds x {len(kinds)} forget sets ({', '.join(kinds)}) x {steps} steps (record every "
+          f"{backend.settings('ga').record_every}, utility every {backend.settings('ga').utility_every}), ga; "
+          f"medians of {repeats}; {load_average()}")
     print(f"  new: run_study, {workers} workers  {fmt_seconds(mn):>9s}  {n / mn:6.2f} trajectory-steps/s")
     print(f"  today: sequential loop         {fmt_seconds(mo):>9s}  {n / mo:6.2f} trajectory-steps/s")
     print(f"  ratio {mo / mn:.2f}x   (target >= 2.5x)")
-    return [{"name": f"trajectory-steps/s, {seeds} seeds ({workers} workers)", "fast": mn / n,
+    return [{"name": f"trajectory-steps/s, {seeds} seeds x {len(kinds)} sets ({workers} workers)", "fast": mn / n,
              "straightforward": mo / n, "ratio": mo / mn, "fraction": None}]
 
 
@@ -156,8 +162,9 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--kinds", nargs="*", default=None, help="forget sets of the trajectories (default: all)")
     ap.add_argument("--skip-trajectories", action="store_true")
     ap.add_argument("--skip-evaluation", action="store_true")
     args = ap.parse_args()
@@ -165,7 +172,7 @@ def main() -> None:
     if not args.skip_evaluation:
         evaluation(args.repeats, args.threads, args.profile)
     if not args.skip_trajectories:
-        trajectories(max(1, args.repeats // 2), args.steps, args.seeds, args.profile)
+        trajectories(max(1, args.repeats // 5), args.steps, args.seeds, args.profile, args.kinds)
 
 
 if __name__ == "__main__":

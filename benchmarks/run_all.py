@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         import bench_evaluation
         header("evaluation: a recorded step, fast vs straightforward evaluator; trajectories, pool vs sequential loop")
         lines += bench_evaluation.evaluation(max(1, args.repeats), 1)
-        lines += bench_evaluation.trajectories(max(1, args.repeats // 2), 10 if args.quick else 20, 3)
+        lines += bench_evaluation.trajectories(1, 10 if args.quick else 40, 3)
     if "llm" in only:
         import bench_llm
         header("llm: notebook 06's study part (SmolLM2): load, data, fine-tune, unlearn; wall and peak RSS")

@@ -27,7 +27,6 @@ def main() -> None:
         os.environ["FORGETLAB_CACHE"] = args.cache
     os.environ.setdefault("FORGETLAB_WORKERS", "1")        # one GPU: trajectories one after another
 
-    import pandas as pd
     import torch
 
     import forgetlab as fl
@@ -40,8 +39,8 @@ def main() -> None:
     device = pick_device(p["device"])
     if device.type != "cuda" and not args.any_device:
         raise SystemExit(f"no CUDA device (pick_device gave {device}): this check is for a GPU machine")
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}; profile {args.profile!r}: "
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    print(f"{device_name}, torch {torch.__version__}; profile {args.profile!r}: "
           f"{p['n_layer']} layers x {p['d_model']}, seeds {p['original_seeds']} / {p['reference_seeds']}", flush=True)
     seconds: dict[str, float] = {}
 
@@ -59,25 +58,22 @@ def main() -> None:
     draws = phase("set-draw models", lambda: set_draws.get_set_draw_models(p, data, base=models["base"][0]))
     backend = backend_tiny.TinyGPT2(p, data, models)
 
-    def checks():
-        start = sanity.start_scores(backend)
-        scores = pd.concat([start, set_draws.set_draw_scores(backend, draws)], ignore_index=True)
-        return (sanity.controls_check(scores, resamples=p["bootstrap"]),
-                sanity.reference_membership_check(start, resamples=p["bootstrap"]))
-    controls, membership = phase("sanity checks", checks)
+    controls, membership = phase("sanity checks", lambda: sanity.run_checks(
+        sanity.start_scores(backend), set_draws.set_draw_scores(backend, draws), resamples=p["bootstrap"]))
     print(controls[["kind", "mean_bits", "low", "high", "passes"]].round(2).to_string(index=False))
     print(membership.round(3).to_string(index=False), flush=True)
 
-    results = phase(f"unlearning ({args.steps} steps per trajectory)", lambda: engine.run_study(backend))
+    unlearning = f"unlearning ({args.steps} steps per trajectory)"
+    results = phase(unlearning, lambda: engine.run_study(backend))
     trajectories = results.groupby(["kind", "method", "seed"]).ngroups
-    per_step = seconds[f"unlearning ({args.steps} steps per trajectory)"] / (trajectories * args.steps)
+    per_step = seconds[unlearning] / (trajectories * args.steps)
 
     kind, method, seed = backend.kinds[0], backend.methods[0], backend.original_seeds[0]
     runs = [phase(f"repeat {kind}/{method}/seed {seed}",
                   lambda: engine.unlearn_trajectory(backend, kind, method, seed, steps=min(args.steps, 10)))
             for _ in range(2)]
     identical = runs[0].equals(runs[1])
-    report = {"device": name, "torch": torch.__version__, "seconds": seconds,
+    report = {"device": device_name, "torch": torch.__version__, "seconds": seconds,
               "trajectories": trajectories, "seconds_per_trajectory_step": round(per_step, 4),
               "projected_unlearning_seconds_full_steps": round(per_step * trajectories * full["unlearn_steps"], 1),
               "repeat_bit_for_bit": identical, "controls_pass": controls.passes.tolist(),

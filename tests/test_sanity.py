@@ -71,6 +71,17 @@ def test_controls_check_judges_genex_against_its_null_value_under_disagreeing_re
     assert c.excess_bits == pytest.approx(4.0) and c.low > c.null_bits and not c.passes
 
 
+def test_run_checks_adds_the_draws_to_check_1_only():
+    controls = bits_scores("id", HAND)
+    start = pd.concat([controls[controls.model_role != "set_draw"], scores("id", {}, [1, 4], [2, 3])],
+                      ignore_index=True)
+    draws = controls[controls.model_role == "set_draw"]
+    check1, check2 = sanity.run_checks(start, draws, resamples=50)
+    pd.testing.assert_frame_equal(check1, sanity.controls_check(pd.concat([start, draws]), resamples=50))
+    pd.testing.assert_frame_equal(check2, sanity.reference_membership_check(start, resamples=50))
+    assert check1.set_groups.iloc[0] == 3 and sanity.run_checks(start, resamples=50)[0].set_sd_bits.isna().all()
+
+
 def test_control_offsets_are_the_mean_raw_control_genex_per_kind_and_seed():
     s = scores("id", {"c0": (LN(0.2), [LN(0.1), LN(0.3)]), "c1": (LN(0.4), [LN(0.2), LN(0.2)])}, [1, 4], [2, 3])
     s2 = s[(s.role == "control") & (s.model_role == "original")].assign(seed=7, ll=lambda d: d.ll + LN(0.25))
@@ -223,9 +234,7 @@ def _smoke_checks():
     backend = backend_tiny.TinyGPT2.build(p)
     draws = set_draws.get_set_draw_models(p, backend.data, base=backend.models["base"][0])
     s = sanity.start_scores(backend)
-    controls = sanity.controls_check(pd.concat([s, set_draws.set_draw_scores(backend, draws)], ignore_index=True),
-                                     resamples=1000)
-    membership = sanity.reference_membership_check(s, resamples=1000)
+    controls, membership = sanity.run_checks(s, set_draws.set_draw_scores(backend, draws), resamples=1000)
     assert set(controls.kind) == set(membership.kind) == set(p["forget_kinds"])
     return controls, membership, sanity.sanity_markdown(controls, membership)
 

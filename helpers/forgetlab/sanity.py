@@ -79,10 +79,10 @@ def control_null(scores: pd.DataFrame) -> pd.DataFrame:
     ctl = scores[(scores.role == "control") & (scores.model_role == "reference")]
     rows = []
     for kind, g in ctl.groupby("kind", sort=False):
-        ref = g.pivot_table(index="seed", columns="uid", values="ll").to_numpy()
-        uids = g.pivot_table(index="seed", columns="uid", values="ll").columns
-        null = (ref.mean(axis=0) - metrics.log_mean_exp(ref, axis=0)) / metrics.LN2
-        rows += [{"kind": kind, "uid": u, "null_bits": float(v)} for u, v in zip(uids, null)]
+        ref = g.pivot_table(index="seed", columns="uid", values="ll")
+        ll = ref.to_numpy()
+        null = (ll.mean(axis=0) - metrics.log_mean_exp(ll, axis=0)) / metrics.LN2
+        rows += [{"kind": kind, "uid": u, "null_bits": float(v)} for u, v in zip(ref.columns, null)]
     return pd.DataFrame(rows, columns=["kind", "uid", "null_bits"])
 
 
@@ -220,6 +220,14 @@ def reference_membership_check(scores: pd.DataFrame, resamples: int = 1000, rng_
                             "reference_models": m.shape[0], "passes": iv.contains(0.5)})
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+def run_checks(start: pd.DataFrame, draw_scores: pd.DataFrame | None = None, resamples: int = 1000
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both checks as notebook 02 runs them: check 1 on ``start`` (:func:`start_scores`) with the set-draw models'
+    control scores (:func:`forgetlab.set_draws.set_draw_scores`), check 2 on ``start`` alone."""
+    scores = start if draw_scores is None else pd.concat([start, draw_scores], ignore_index=True)
+    return controls_check(scores, resamples=resamples), reference_membership_check(start, resamples=resamples)
 
 
 def sanity_markdown(controls: pd.DataFrame, membership: pd.DataFrame, labels=None) -> str:

@@ -15,12 +15,15 @@ phases     load       the converted SmolLM2 read from the base cache
            data       the forget sets, populations and utility rows (llm_data.build_llm_data)
            fine-tune  every original (llm_original_seeds) and reference (llm_reference_seeds) fine-tune
            unlearn    engine.run_study: every forget set x method x original seed, with their evaluations
-paths      new        this code: fine-tuning batches run in groups of one row length, unpadded
-                      (llm_finetune.grouped_finetune_loss), exact canary exposure on a digit trie over the trained
+paths      new        this code: fine-tuning batches run in groups of one row length, unpadded, with the head
+                      once over the batch's positions (llm_finetune.grouped_finetune_loss) and one fused AdamW
+                      kernel; the fine-tunes and the trajectories on FORGETLAB_WORKERS (default 2) one-thread worker
+                      processes (llm_pool, engine_pool); exact canary exposure on a digit trie over the trained
                       blocks (llm_trie), the references scored with the head at scored positions only
                       (scoring.score_rows)
-           before     the same study with the paths before them (``get_llm_models(grouped=False)``,
-                      ``SmolLM2(fast=False)``): right-padded fine-tuning batches, every (digits-1)-digit candidate
+           before     the same study with the paths before them (``get_llm_models(fast=False)``,
+                      ``SmolLM2(fast=False)``): right-padded fine-tuning batches, per-tensor AdamW, everything in
+                      this process at torch's thread count, every (digits-1)-digit candidate
                       path through the whole model, full-logits reference scoring, and the utility measured at
                       every recorded step (``llm_utility_every = llm_record_every``, unless ``--set`` names it:
                       ``--set llm_utility_every=8`` compares the same work)
@@ -30,7 +33,9 @@ prints the forget canaries' exact exposure (bits, at most log2(10**llm_canary_di
 fine-tuning's rows, steps and seconds: the count at which canaries reach a given exposure.
 
 Both paths share everything else (frozen-prefix cache, length-bucketed scoring with the head at scored positions
-only). Peak memory is the process's peak resident set (``ru_maxrss``) after each phase: a running maximum.
+only). Peak memory is the process's peak resident set (``ru_maxrss``) after each phase: a running maximum; with
+workers, also the largest worker's peak and their sum with this process's (an upper bound: the workers map the
+frozen weights from one file, so those pages are counted once per process but held once).
 """
 from __future__ import annotations
 
@@ -65,6 +70,13 @@ def peak_rss_mib() -> float:
 
 def phases(profile: str, path: str, overrides: dict, base_cache: str | None = None) -> dict:
     """Run and time every phase of one path in this process; return seconds, peaks (MiB) and per-seed figures."""
+    from forgetlab.tree_memory import TreePeakMemory
+    with TreePeakMemory() as memory:
+        res = _phases(profile, path, overrides, base_cache)
+    return dict(res, tree_peak_mib=memory.peak_mib)
+
+
+def _phases(profile: str, path: str, overrides: dict, base_cache: str | None = None) -> dict:
     from forgetlab import backend_smollm, engine, llm
     from forgetlab.llm_data import build_llm_data
     from forgetlab.llm_finetune import get_llm_models
@@ -83,7 +95,7 @@ def phases(profile: str, path: str, overrides: dict, base_cache: str | None = No
     data = build_llm_data(p, tokenizer)
     sec["data"], peaks["data"] = time.perf_counter() - t, peak_rss_mib()
     t = time.perf_counter()
-    models = get_llm_models(p, data, model, llm.llm_key(llm.gguf_path()), cache, grouped=fast)
+    models = get_llm_models(p, data, model, llm.llm_key(llm.gguf_path()), cache, fast=fast)
     sec["fine-tune"], peaks["fine-tune"] = time.perf_counter() - t, peak_rss_mib()
     backend = backend_smollm.SmolLM2(p, data, models, tokenizer, fast=fast)
     t = time.perf_counter()
@@ -91,7 +103,11 @@ def phases(profile: str, path: str, overrides: dict, base_cache: str | None = No
     sec["unlearn"], peaks["unlearn"] = time.perf_counter() - t, peak_rss_mib()
     exposure = backend_smollm.canary_exposure_table(results)
     tmp.cleanup()
-    return {"path": path, "profile": profile, "overrides": overrides, "threads": torch.get_num_threads(),
+    from forgetlab.engine_pool import resolve_workers
+    workers = resolve_workers() if fast else 1
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"workers": workers, "worker_peak_mib": worker_peak if workers > 1 else 0.0,
+            "path": path, "profile": profile, "overrides": overrides, "threads": torch.get_num_threads(),
             "seconds": sec, "peak_mib": peaks,
             "finetune_seconds": {name: m["seconds"] for name, m in models.meta.items()},
             "original_seeds": p["llm_original_seeds"], "reference_seeds": p["llm_reference_seeds"],
@@ -183,9 +199,16 @@ def report(results: list[dict]) -> list[dict]:
     for p, r in by.items():
         n_orig, n_ref = len(r["original_seeds"]), len(r["reference_seeds"])
         per_model = sum(r["finetune_seconds"].values()) / max(1, n_orig + n_ref)
-        print(f"  {p}: {n_orig} original and {n_ref} reference fine-tunes, {fmt_seconds(per_model)} each; unlearning "
-              f"{fmt_seconds(r['seconds']['unlearn'] / n_orig)} per original seed; peak "
-              f"{max(r['peak_mib'].values()) / 1024:.2f} GiB (budget 6 GiB)")
+        peak = max(r["peak_mib"].values())
+        workers, worker_peak = r.get("workers", 1), r.get("worker_peak_mib", 0.0)
+        total = peak + workers * worker_peak if worker_peak else peak
+        tree = r.get("tree_peak_mib")
+        print(f"  {p}: {n_orig} original and {n_ref} reference fine-tunes, {fmt_seconds(per_model)} each "
+              f"({workers} at a time); unlearning {fmt_seconds(r['seconds']['unlearn'] / n_orig)} per original seed; "
+              f"peak {peak / 1024:.2f} GiB" + (f" + {workers} workers x {worker_peak / 1024:.2f} GiB = at most "
+                                               f"{total / 1024:.2f} GiB" if worker_peak else "") +
+              (f"; summed PSS of the process and its workers at most {tree / 1024:.2f} GiB" if tree else "") +
+              " (budget 6 GiB)")
         for e in r["canary_exposure"]:
             print(f"    original seed {e['original_seed']}: forget canaries' exact exposure at step 0 mean "
                   f"{e['mean_exposure_bits']:.2f}, min {e['min_exposure_bits']:.2f}, max {e['max_exposure_bits']:.2f} bits")

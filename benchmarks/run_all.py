@@ -112,8 +112,10 @@ def batches_section(run_smoke: bool) -> list[dict]:
         total = secs.get("total")
         mib = rep.get("peak_kernel_rss_mib")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-        print(f"  {name:8s} wall {fmt_wall(total)}, peak kernel memory {mib} MiB ({rep.get('profile')}, "
-              f"written {when})")
+        tree = rep.get("peak_tree_pss_mib")
+        print(f"  {name:8s} wall {fmt_wall(total)}, peak kernel memory {mib} MiB" +
+              (f", peak of the batch with its kernels and workers {tree} MiB (summed PSS)" if tree else "") +
+              f" ({rep.get('profile')}, written {when})")
         for nb, s in secs.items():
             if nb != "total":
                 print(f"           {nb:32s} {s:8.1f} s")

@@ -626,24 +626,75 @@ def test_grouped_finetune_loss_equals_the_padded_batch_loss_and_gradients():
         llm_finetune.grouped_finetune_loss(model, [[0], [1]])
 
 
-def test_grouped_finetuning_gives_the_padded_fine_tune_up_to_float_rounding(tiny_setup):
-    """The same fine-tuning rows and order, padded batches against grouped ones: the same weights and loss curve
-    within float32 tolerance, and separate cache entries."""
+def test_fast_finetuning_gives_the_padded_fine_tune_up_to_float_rounding(tiny_setup):
+    """The same fine-tuning rows and order, padded batches and per-tensor AdamW (the paths before) against grouped
+    rows and fused AdamW at one thread: the same weights and loss curve within float32 tolerance, and separate cache
+    entries."""
     import copy
     import tempfile
 
     import pandas as pd
     p, data = tiny_setup["p"], tiny_setup["data"]
     curves, states = [], []
-    for grouped in (False, True):
+    for fast in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             models = llm_finetune.get_llm_models(dict(p, llm_reference_seeds=[]), data,
                                                  copy.deepcopy(tiny_setup["model"]), "tiny-base",
-                                                 ArtifactCache(tmp), grouped=grouped)
+                                                 ArtifactCache(tmp), fast=fast)
         curves.append(pd.DataFrame(models.meta["original (seed 0)"]["curve"]))
         states.append(models.original)
     pd.testing.assert_frame_equal(curves[0], curves[1], check_exact=False, rtol=1e-4, atol=1e-5)
     for name in states[0]:
         torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-5)
-    keys = {llm_finetune.finetune_key(p, data, "b", "original", 0, grouped=g) for g in (False, True)}
+    keys = {llm_finetune.finetune_key(p, data, "b", "original", 0, fast=f) for f in (False, True)}
     assert len(keys) == 2
+
+
+@pytest.mark.slow
+def test_llm_pool_gives_the_sequential_models_and_table_bit_for_bit(tiny_setup, tmp_path):
+    """Fine-tunes and trajectories on 2 worker processes (llm_pool, engine_pool) against the same work in this
+    process at one thread: the same fine-tuned tensors and the same study table, bit for bit."""
+    import copy
+
+    import pandas as pd
+    p, data = dict(tiny_setup["p"], llm_methods=["ga"]), tiny_setup["data"]
+    got = {}
+    for workers in (1, 2):
+        cache = ArtifactCache(tmp_path / f"workers-{workers}")
+        models = llm_finetune.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base", cache,
+                                             workers=workers)
+        backend = backend_smollm.SmolLM2(p, data, models)
+        assert backend.poolable
+        got[workers] = (models, engine.run_study(backend, cache, workers=workers))
+        assert all(m["threads"] == 1 for m in models.meta.values())
+    (seq, seq_table), (par, par_table) = got[1], got[2]
+    for store in ("originals", "references"):
+        for seed, tensors in getattr(seq, store).items():
+            for name, t in tensors.items():
+                assert torch.equal(t, getattr(par, store)[seed][name]), (store, seed, name)
+    pd.testing.assert_frame_equal(par_table, seq_table)
+    assert not backend_smollm.SmolLM2(p, data, seq, fast=False).poolable      # the paths before stay here
+
+
+def test_working_copy_round_trip_keeps_every_tensor_and_the_prefix_cache(tiny_setup, tmp_path):
+    """save_working_copy / load_working_copy: the same trainable tensor sets, the model's outputs unchanged, the
+    tied head still tied, and the loaded copy's frozen-prefix cache installed on its own model."""
+    import copy
+
+    from forgetlab import llm_pool
+    p, data = tiny_setup["p"], tiny_setup["data"]
+    models = llm_finetune.get_llm_models(p, data, copy.deepcopy(tiny_setup["model"]), "tiny-base",
+                                         ArtifactCache(tmp_path / "cache"), workers=1)
+    llm_pool.save_working_copy(models, tmp_path / "copy.pt")
+    assert models.prefix_cache is not None and "forward" in models.prefix_cache.blocks[0].__dict__   # hooked again
+    loaded = llm_pool.load_working_copy(tmp_path / "copy.pt")
+    assert loaded.trainable == models.trainable and loaded.meta == models.meta
+    for name in models.trainable:
+        assert torch.equal(loaded.original[name], models.original[name])
+        assert torch.equal(loaded.references[0][name], models.references[0][name])
+    m = loaded.model
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    ids = torch.as_tensor([data.examples.ids.iloc[0]])
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, models.model(input_ids=ids).logits)
+    assert loaded.prefix_cache is not None and loaded.prefix_cache.hits + loaded.prefix_cache.misses == 1

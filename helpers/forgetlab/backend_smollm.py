@@ -10,12 +10,14 @@ reference scoring) for benchmarks/bench_llm.py.
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import canaries, metrics
+from . import canaries, llm_pool, metrics
 from .cache import ArtifactCache, cache_key, code_version
 from .config import params_in
 from .config import METHODS
@@ -97,6 +99,7 @@ class SmolLM2:
         self.retain_rows = data.retain_rows
         self.target_bits = p["llm_target_bits"]
         self._trie: LlamaCandidateTrie | None = None
+        self._working_copy: tempfile.TemporaryDirectory | None = None     # see worker_recipe
 
     @classmethod
     def build(cls, p: dict, device: str | torch.device = "cpu", cache: ArtifactCache | None = None,
@@ -160,11 +163,30 @@ class SmolLM2:
         engine's fast evaluator)."""
         return step_scores(model, self.data, examples, utility=utility)
 
+    @property
+    def poolable(self) -> bool:
+        """Whether run_study may run the trajectories on worker processes (the fast paths on a CPU)."""
+        return self.fast and next(self.models.model.parameters()).device.type == "cpu"
+
+    def worker_recipe(self) -> tuple:
+        """How a worker process rebuilds this backend: from the working copy, written once to a temporary file
+        (removed with this backend) that each worker maps (:func:`forgetlab.llm_pool.load_working_copy`)."""
+        if self._working_copy is None:
+            self._working_copy = tempfile.TemporaryDirectory(prefix="forgetlab-smollm2-")
+            llm_pool.save_working_copy(self.models, Path(self._working_copy.name) / "working-copy.pt")
+        return from_working_copy, (str(Path(self._working_copy.name) / "working-copy.pt"), self.p, self.data,
+                                   self.fast)
+
     def key(self, seed: int) -> str:
         original = self.models.meta[f"original (seed {seed})"]["key"]
         return cache_key(self.name, code_version("backend_smollm", "llm_trie"), original, self.data.fingerprint(),
                          params_in(self.p, "run", "unlearning", "llm_unlearning"), EVAL_BATCH,
                          *(() if getattr(self, "fast", True) else ("paths before the trie",)))
+
+
+def from_working_copy(path: str, p: dict, data: LLMStudyData, fast: bool = True) -> SmolLM2:
+    """The backend in a worker process: the models mapped from the file ``SmolLM2.worker_recipe`` wrote."""
+    return SmolLM2(p, data, llm_pool.load_working_copy(path), None, fast)
 
 
 def canary_exposure_table(results: pd.DataFrame) -> pd.DataFrame:

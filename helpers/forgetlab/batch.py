@@ -20,6 +20,7 @@ from typing import Any
 
 from .cache import REPO_ROOT
 from .config import ParameterError, load_params, resolve_profile
+from .tree_memory import TreePeakMemory
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 HEARTBEAT_S = 60.0            # during a long cell, say every this many seconds that it is still running
@@ -174,6 +175,7 @@ def run_batch(profile: str, selection: list[str] | None = None, output_dir: str 
     timings: dict[str, float] = {}
     failed: list[dict[str, Any]] = []
     start = time.perf_counter()
+    memory = TreePeakMemory().__enter__()        # the kernels and their workers, summed
     for i, nb in enumerate(selected, 1):
         progress = CellProgress(nb.stem, heartbeat_s)
         papermill_engines.register("forgetlab-progress", _progress_engine(progress))
@@ -192,9 +194,11 @@ def run_batch(profile: str, selection: list[str] | None = None, output_dir: str 
         print(f"[forgetlab] {nb.name} {'failed' if failed and failed[-1]['notebook'] == nb.stem else 'done'} "
               f"after {timings[nb.stem]:.1f} s (batch {_clock(time.perf_counter() - start)})", flush=True)
     elapsed = round(time.perf_counter() - start, 1)
+    memory.__exit__(None, None, None)
     kids = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    tree = None if memory.peak_mib is None else round(memory.peak_mib, 1)
     result = merge_timings(out / "timings.json", params_path.name, timings, kids, partial=bool(selection),
-                           failed=failed)
+                           failed=failed, tree_peak_mib=tree)
     (out / "timings.json").write_text(json.dumps(result, indent=2))
     if report:
         try:
@@ -210,11 +214,15 @@ def run_batch(profile: str, selection: list[str] | None = None, output_dir: str 
 
 
 def merge_timings(path: Path, profile: str, seconds: dict[str, float], peak_mib: float, partial: bool,
-                  failed: list[dict[str, Any]] | None = None) -> dict:
+                  failed: list[dict[str, Any]] | None = None, tree_peak_mib: float | None = None) -> dict:
     """The timings report of a run. A partial run (``--only``) updates the notebooks it ran in the report of an
     earlier run of the same profile, so `timings.json` keeps one figure per notebook; `total` is their sum.
-    `failed` lists the failures of the notebooks as last run (a rerun notebook's old failure is dropped)."""
+    `failed` lists the failures of the notebooks as last run (a rerun notebook's old failure is dropped).
+    ``peak_mib`` is the largest kernel's peak resident set; ``tree_peak_mib`` (if measured) the peak summed
+    proportional set size of the batch and everything it started (kernels and their worker processes)."""
     report = {"profile": profile, "seconds": {}, "peak_kernel_rss_mib": peak_mib, "failed": []}
+    if tree_peak_mib is not None:
+        report["peak_tree_pss_mib"] = tree_peak_mib
     if partial and path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -223,6 +231,8 @@ def merge_timings(path: Path, profile: str, seconds: dict[str, float], peak_mib:
         if old.get("profile") == profile:
             report["seconds"] = {k: v for k, v in old.get("seconds", {}).items() if k != "total"}
             report["peak_kernel_rss_mib"] = max(peak_mib, old.get("peak_kernel_rss_mib", 0.0))
+            if tree_peak_mib is not None and "peak_tree_pss_mib" in old:
+                report["peak_tree_pss_mib"] = max(tree_peak_mib, old["peak_tree_pss_mib"])
             report["failed"] = [f for f in old.get("failed", []) if f.get("notebook") not in seconds]
     report["seconds"].update(seconds)
     report["seconds"] = dict(sorted(report["seconds"].items()))

@@ -253,8 +253,8 @@ def run_study(backend: Backend, cache: ArtifactCache | None = None, kinds: list[
     Each trajectory comes from the cache or is run now and cached on its own. A backend that offers
     ``worker_recipe()`` runs its missing trajectories on ``workers`` processes (default: FORGETLAB_WORKERS, else
     min(2, cores); see :mod:`forgetlab.engine_pool`), each at one torch thread; with one worker they run here, also
-    at one thread, so the table is the same bit for bit whatever ``workers`` is. Other backends (SmolLM2: one
-    working copy of a large model) run sequentially, as before.
+    at one thread, so the table is the same bit for bit whatever ``workers`` is. A backend whose ``poolable`` is
+    False (SmolLM2 on a GPU, or with the paths before) runs them here at torch's thread count.
     """
     from . import engine_pool
     cache = cache or ArtifactCache()
@@ -263,7 +263,7 @@ def run_study(backend: Backend, cache: ArtifactCache | None = None, kinds: list[
     for kind in kinds:
         backend.view(kind)                                   # refuses an unknown kind before any work
     jobs = [(k, m, s) for k in kinds for m in methods for s in backend.original_seeds]
-    poolable = hasattr(backend, "worker_recipe")
+    poolable = hasattr(backend, "worker_recipe") and getattr(backend, "poolable", True)
     workers = engine_pool.resolve_workers(workers)
     if poolable and workers > 1:
         engine_pool.run_trajectories(backend, cache, [j for j in jobs if not cache.has(

@@ -6,10 +6,12 @@ and the cache stores only the tensors that fine-tuning changed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,7 @@ from .forget_sets import IGNORE, pad_rows
 from .llm_data import LLMStudyData, LLMStudyError, check_llm_params
 from .models import seed_everything
 from .scoring import mean_token_loss
-from .training import lr_at
+from .training import FUSED_ADAMW_DEVICES, lr_at
 
 EVAL_BATCH = 32                   # sequences per forward pass when scoring (bounds the [batch, len, vocab] logits)
 
@@ -138,6 +140,17 @@ class FrozenPrefixCache:
             b.__dict__.pop("forward", None)
         self.store.clear()
 
+    @contextlib.contextmanager
+    def unhooked(self) -> Iterator[None]:
+        """The model without the hooks for the block (e.g. to pickle it), the store kept; hooked again after."""
+        hooks = [b.__dict__.pop("forward", None) for b in self.blocks]
+        try:
+            yield
+        finally:
+            for b, hook in zip(self.blocks, hooks):
+                if hook is not None:
+                    b.forward = hook
+
     @staticmethod
     def _passthrough(hidden_states, *args, **kwargs):
         return hidden_states
@@ -194,30 +207,32 @@ def grouped_finetune_loss(model: torch.nn.Module, batch: list[list[int]], device
     """The mean next-token NLL of :func:`finetune_loss` over a batch of rows of mixed lengths, without padding (a Llama
     model: its blocks and head are called apart).
 
-    The rows are run in groups of one length each (a batch mixes 33-token texts with 10-token canaries: padded to one
-    width, most of a canary row is padding that the blocks still run on), the head only at positions with a next
-    token, and the summed NLL divided by every labelled token of the batch: the same loss and gradients as the padded
-    batch up to float32 rounding (causal attention: a row's real tokens never see its right padding).
+    The rows run through the blocks in groups of one length each (a batch mixes 33-token texts with 10-token canaries:
+    padded to one width, most of a canary row is padding that the blocks still run on); then the head runs once, on
+    every position with a next token of the whole batch, as one [positions, d] matrix (a [rows, length, d] slice
+    would be multiplied as a batch of broadcast heads: about twice as slow), and the mean is over every labelled token
+    of the batch: the same loss and gradients as the padded batch up to float32 rounding (causal attention: a row's
+    real tokens never see its right padding).
     """
-    total = sum(len(s) - 1 for s in batch)
-    if total < 1:
-        raise LLMStudyError("a fine-tuning batch has no token to predict: every row is one token long")
-    loss = None
+    hidden, targets = [], []
     for length in sorted({len(s) for s in batch if len(s) > 1}):
         ids = torch.as_tensor([s for s in batch if len(s) == length], dtype=torch.long, device=device)
-        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-        part = F.cross_entropy(model.lm_head(hidden).float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        loss = part if loss is None else loss + part
-    return loss / total
+        hidden.append(model.model(input_ids=ids).last_hidden_state[:, :-1].flatten(0, 1))
+        targets.append(ids[:, 1:].flatten())
+    if not hidden:
+        raise LLMStudyError("a fine-tuning batch has no token to predict: every row is one token long")
+    return F.cross_entropy(model.lm_head(torch.cat(hidden)).float(), torch.cat(targets))
 
 
 def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *, batch_size: int, lr: float,
              pad_id: int, heldout_rows: np.ndarray | None = None, desc: str = "fine-tuning",
-             scored_only: bool = False, grouped: bool = False) -> pd.DataFrame:
+             scored_only: bool = False, grouped: bool = False, fused: bool = False) -> pd.DataFrame:
     """Fine-tune the trainable parameters in place (AdamW, warmup then cosine decay); return the loss curve.
 
     Rows are right-padded per batch (padding is not scored; ``scored_only``: see :func:`finetune_loss`), or with
-    ``grouped`` run in groups of one length each, unpadded (:func:`grouped_finetune_loss`). The curve
+    ``grouped`` run in groups of one length each, unpadded (:func:`grouped_finetune_loss`). ``fused`` updates every
+    tensor in one AdamW kernel (else torch's default, on CPU a Python loop over the tensors; the same update up to
+    float rounding). The curve
     has the training loss of every step and, if ``heldout_rows`` are given, the held-out loss before the first and
     after the last step.
     """
@@ -225,7 +240,8 @@ def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LLMStudyError("nothing to fine-tune: every parameter is frozen")
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    fused = fused and all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused or None)
     steps = math.ceil(len(order) / batch_size)
     warmup = max(1, steps // 10)
     curve = []
@@ -312,19 +328,20 @@ class LLMModels:
 
 
 def finetune_key(p: dict, data: LLMStudyData | str, base_key: str, role: str, seed: int, scored_only: bool = False,
-                 grouped: bool = True) -> str:
+                 fast: bool = True) -> str:
     """Key of one fine-tuned LLM: the base model, the data's fingerprint, the LLM training section, role and seed
-    (and the loss path, where it is not the default: its weights differ in the last float32 digits)."""
+    (and the paths before, where they are asked for: their weights differ in the last float32 digits)."""
     fingerprint = data if isinstance(data, str) else data.fingerprint()
     return cache_key("llm-finetune", code_version("llm_finetune"), base_key, fingerprint,
                      params_in(p, "run", "llm_data", "llm_training"), role, seed,
-                     *(() if grouped else ("padded batches",) + (("scored-positions loss",) if scored_only else ())))
+                     *(() if fast else ("padded batches, per-tensor AdamW",) +
+                       (("scored-positions loss",) if scored_only else ())))
 
 
 def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str, role: str, seed: int,
-                   cache: ArtifactCache, scored_only: bool = False, grouped: bool = True
+                   cache: ArtifactCache, scored_only: bool = False, fast: bool = True
                    ) -> tuple[dict[str, torch.Tensor], dict]:
-    key = finetune_key(p, data, base_key, role, seed, scored_only, grouped)
+    key = finetune_key(p, data, base_key, role, seed, scored_only, fast)
 
     def build():
         seqs, is_forget, _ = finetune_rows(data, role)
@@ -335,12 +352,12 @@ def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str
         start = time.perf_counter()
         curve = finetune(models.model, seqs, order, batch_size=p["llm_batch_size"], lr=p["llm_lr"],
                          pad_id=data.start_id, heldout_rows=data.heldout_rows,
-                         desc=f"fine-tuning {role} (seed {seed})", scored_only=scored_only, grouped=grouped)
+                         desc=f"fine-tuning {role} (seed {seed})", scored_only=scored_only, grouped=fast, fused=fast)
         tensors = {n: t.detach().cpu().clone() for n, t in models.model.named_parameters()
                    if n in set(models.trainable)}
         meta = {"role": role, "seed": seed, "rows_per_epoch": int(len(is_forget) if include else (~is_forget).sum()),
                 "steps": math.ceil(len(order) / p["llm_batch_size"]), "seconds": time.perf_counter() - start,
-                "trained_parameters": int(sum(t.numel() for t in tensors.values())),
+                "threads": torch.get_num_threads(), "trained_parameters": int(sum(t.numel() for t in tensors.values())),
                 "data_fingerprint": data.fingerprint(), "curve": curve.to_dict(orient="list")}
         return meta, tensors, None
 
@@ -353,18 +370,23 @@ def _get_finetuned(p: dict, data: LLMStudyData, models: LLMModels, base_key: str
 
 def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key: str,
                    cache: ArtifactCache | None = None, prefix_cache: bool = True, scored_only: bool = False,
-                   grouped: bool = True) -> LLMModels:
+                   fast: bool = True, workers: int | None = None) -> LLMModels:
     """The original (one per ``llm_original_seeds``) and reference (one per ``llm_reference_seeds``) fine-tuned
     models, trained now if not cached, around one working copy.
 
     ``model`` is the pretrained model (e.g. from ``llm.load_smollm``), used in place: its trainable tensors are
     overwritten by :meth:`LLMModels.use`; ``base_key`` names it in the cache keys (``llm.llm_key``). With
     ``prefix_cache`` the frozen blocks' output is remembered per row (:class:`FrozenPrefixCache`), which about
-    halves the cost of scoring and of each training step when most blocks are frozen. ``scored_only=True``
-    fine-tunes with the head at labelled positions only (:func:`finetune_loss`; not faster in the one measurement
-    made, so off by default, and ignored with ``grouped``). ``grouped`` (default) runs each batch's rows in groups
-    of one length, unpadded (:func:`grouped_finetune_loss`; False: the padded batches of before).
+    halves the cost of scoring and of each training step when most blocks are frozen.
+
+    ``fast`` (default): each batch's rows in groups of one length, unpadded (:func:`grouped_finetune_loss`), one
+    fused AdamW kernel, and the missing fine-tunes on ``workers`` processes at one thread each
+    (:mod:`forgetlab.llm_pool`; default FORGETLAB_WORKERS, else min(2, cores); with one worker they run here, also
+    at one thread, so the weights are the same whatever ``workers`` is). ``fast=False``: the paths before (padded
+    batches, ``scored_only`` heads as :func:`finetune_loss` says, per-tensor AdamW, here at torch's thread count)
+    for benchmarks/bench_llm.py.
     """
+    from . import engine_pool, llm_pool
     cache = cache or ArtifactCache()
     check_llm_params(p, len(model.model.layers))
     if hasattr(model, "set_attn_implementation"):
@@ -376,10 +398,18 @@ def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key
     n_frozen = len(model.model.layers) - p["llm_train_layers"]
     prefix = FrozenPrefixCache(model, n_frozen) if n_frozen and prefix_cache else None
     models = LLMModels(model.eval(), names, base, {}, {}, {}, prefix)
-    for role, seeds, store in (("original", p["llm_original_seeds"], models.originals),
-                               ("reference", p["llm_reference_seeds"], models.references)):
-        for seed in seeds:
-            store[seed], meta = _get_finetuned(p, data, models, base_key, role, seed, cache, scored_only, grouped)
+    jobs = [(role, seed) for role, key in (("original", "llm_original_seeds"), ("reference", "llm_reference_seeds"))
+            for seed in p[key]]
+    workers = engine_pool.resolve_workers(workers)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    missing = [(role, seed) for role, seed in jobs
+               if not cache.has("llm-finetuned", finetune_key(p, data, base_key, role, seed, scored_only, fast))]
+    if fast and on_cpu and workers > 1 and len(missing) > 1:
+        llm_pool.run_finetunes(p, data, models, base_key, cache, missing, workers, scored_only)
+    with engine_pool.torch_threads(1 if fast and on_cpu else None):
+        for role, seed in jobs:
+            store = models.originals if role == "original" else models.references
+            store[seed], meta = _get_finetuned(p, data, models, base_key, role, seed, cache, scored_only, fast)
             models.meta[f"{role} (seed {seed})"] = meta
     models.use(models.original)
     return models

@@ -57,7 +57,9 @@ def index_markdown(run_name: str, params: dict, report: dict, pages: list[str], 
     written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cells = [f"# forgetlab run `{run_name}`\n\nProfile `{report.get('profile', '?')}`, report written {written}. "
              f"Total notebook time {seconds.get('total', 0):.1f} s; peak kernel memory "
-             f"{report.get('peak_kernel_rss_mib', 0):.0f} MiB."]
+             f"{report.get('peak_kernel_rss_mib', 0):.0f} MiB" +
+             (f"; peak memory of the batch with its kernels and workers {report['peak_tree_pss_mib']:.0f} MiB "
+              f"(summed PSS)" if report.get("peak_tree_pss_mib") is not None else "") + "."]
     rows = ["| notebook | status | seconds |", "|---|---|---|"]
     for stem in pages:
         status = "ok"

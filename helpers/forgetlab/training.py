@@ -23,7 +23,7 @@ from .scoring import mean_token_loss
 
 LOSS_CHUNK_ROWS = 256   # rows of logits per chunk: 256 x a 2,048-token vocabulary is 2 MiB, one core's L2
 
-_FUSED_ADAMW_DEVICES = {"cpu", "cuda", "mps", "xpu"}
+FUSED_ADAMW_DEVICES = {"cpu", "cuda", "mps", "xpu"}
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -42,7 +42,7 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, fused: bool = T
     float rounding. Fused needs floating-point parameters on CPU/CUDA/MPS/XPU; elsewhere it falls back.
     """
     params = list(model.parameters())
-    fused = fused and all(p.is_floating_point() and p.device.type in _FUSED_ADAMW_DEVICES for p in params)
+    fused = fused and all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
     return torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.01, fused=fused or None)
 
 

@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if "evaluation" in only:
         import bench_evaluation
         header("evaluation: a recorded step, fast vs straightforward evaluator; trajectories, pool vs sequential loop")
-        lines += bench_evaluation.evaluation(max(1, args.repeats), 1)
-        lines += bench_evaluation.trajectories(1, 10 if args.quick else 40, 3)
+        # medians of 5 recorded steps and of 3 round-robin trajectory runs: on a shared 2-core VM one run of the
+        # sequential loop varied from 109 s to 139 s between two runs of the same code
+        lines += bench_evaluation.evaluation(max(5, args.repeats), 1)
+        lines += bench_evaluation.trajectories(1 if args.quick else 3, 10 if args.quick else 40, 3)
     if "llm" in only:
         import bench_llm
         header("llm: notebook 06's study part (SmolLM2): load, data, fine-tune, unlearn; wall and peak RSS")

@@ -72,8 +72,10 @@ def mean_token_loss(model: torch.nn.Module, rows: np.ndarray, labels: np.ndarray
 # ---- the fast path: every row of a recorded step in a few forward passes ----------------------------------
 
 FAST_TOKENS = 8192          # most tokens (rows x padded length) fed in one forward pass of score_rows
-HEAD_ELEMENTS = 1 << 22     # logits formed at once: [positions, vocab] chunks of about 16 MB (2048 positions of
-                            # the tiny model's 2048-token vocabulary, 85 of SmolLM2's 49152)
+HEAD_ELEMENTS = 1 << 22     # logits formed at once: [positions, vocab] chunks of at most about 16 MB (85 positions
+                            # of SmolLM2's 49152-token vocabulary)
+HEAD_MAX_ROWS = 512         # ... and at most this many positions: 4 MB of the tiny model's 2048-token logits, which
+                            # the log-softmax reads back from cache (2048 positions: ~15% slower, same numbers)
 _SPLIT_HEAD = ("GPT2LMHeadModel", "LlamaForCausalLM")   # logits = lm_head(base_model(...).last_hidden_state)
 
 
@@ -107,7 +109,8 @@ def score_rows(model: torch.nn.Module, sequences: Sequence[Sequence[int]], score
 
     The rows are fed in length-sorted batches of up to ``max_tokens`` padded tokens under ``torch.inference_mode``;
     for GPT-2 and Llama models the vocabulary head is applied only at the scored positions, in chunks of
-    about ``HEAD_ELEMENTS`` logits, through the fused cross-entropy kernel (no [rows, length, vocab] log-softmax).
+    about ``HEAD_ELEMENTS`` logits (at most ``HEAD_MAX_ROWS`` positions), through the fused cross-entropy kernel
+    (no [rows, length, vocab] log-softmax).
     Same numbers as :func:`sequence_logprobs` up to float32 rounding (tests/test_fast_paths.py).
     """
     out = np.zeros(len(sequences), dtype=np.float64)
@@ -147,7 +150,7 @@ def _score_batch(model: torch.nn.Module, seqs: list, starts: list[int], device) 
     picked = hidden[:, :-1][mask]                                                    # [n_scored, d] (or vocab)
     ll = torch.empty(len(target), dtype=torch.float32, device=device)
     vocab = head.weight.shape[0] if head is not None else picked.shape[-1]
-    chunk = max(16, HEAD_ELEMENTS // vocab)
+    chunk = max(16, min(HEAD_MAX_ROWS, HEAD_ELEMENTS // vocab))
     for c in range(0, len(target), chunk):
         logits = picked[c:c + chunk]
         logits = (head(logits) if head is not None else logits).float()

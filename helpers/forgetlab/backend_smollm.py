@@ -173,9 +173,10 @@ class SmolLM2:
         (removed with this backend) that each worker maps (:func:`forgetlab.llm_pool.load_working_copy`)."""
         if self._working_copy is None:
             self._working_copy = tempfile.TemporaryDirectory(prefix="forgetlab-smollm2-")
-            llm_pool.save_working_copy(self.models, Path(self._working_copy.name) / "working-copy.pt")
-        return from_working_copy, (str(Path(self._working_copy.name) / "working-copy.pt"), self.p, self.data,
-                                   self.fast)
+        path = Path(self._working_copy.name) / "working-copy.pt"
+        if not path.exists():
+            llm_pool.save_working_copy(self.models, path)
+        return from_working_copy, (str(path), self.p, self.data, self.fast)
 
     def key(self, seed: int) -> str:
         original = self.models.meta[f"original (seed {seed})"]["key"]

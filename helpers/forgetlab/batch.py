@@ -175,7 +175,7 @@ def run_batch(profile: str, selection: list[str] | None = None, output_dir: str 
     timings: dict[str, float] = {}
     failed: list[dict[str, Any]] = []
     start = time.perf_counter()
-    memory = TreePeakMemory().__enter__()        # the kernels and their workers, summed
+    memory = TreePeakMemory().start()        # the kernels and their workers, summed
     for i, nb in enumerate(selected, 1):
         progress = CellProgress(nb.stem, heartbeat_s)
         papermill_engines.register("forgetlab-progress", _progress_engine(progress))
@@ -194,7 +194,7 @@ def run_batch(profile: str, selection: list[str] | None = None, output_dir: str 
         print(f"[forgetlab] {nb.name} {'failed' if failed and failed[-1]['notebook'] == nb.stem else 'done'} "
               f"after {timings[nb.stem]:.1f} s (batch {_clock(time.perf_counter() - start)})", flush=True)
     elapsed = round(time.perf_counter() - start, 1)
-    memory.__exit__(None, None, None)
+    memory.stop()
     kids = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     tree = None if memory.peak_mib is None else round(memory.peak_mib, 1)
     result = merge_timings(out / "timings.json", params_path.name, timings, kids, partial=bool(selection),

@@ -62,6 +62,19 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def cancel_on_error(pool: ProcessPoolExecutor, bar) -> Iterator[None]:
+    """Collect a pool's results in the block; on any error cancel the work not yet started (waiting for what runs)
+    and re-raise; close the progress bar either way."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+
+
 def _init(recipe_path: str, root: str, heal: bool) -> None:
     import forgetlab
     torch.set_num_threads(1)
@@ -124,7 +137,7 @@ def run_trajectories(backend, cache: ArtifactCache, jobs: list[tuple[str, str, i
                 pending[pool.submit(_step_zero, kind, seed, steps)] = ("start", kind, seed, methods)
             else:
                 pending[pool.submit(_trajectory, kind, methods[0], seed, None)] = ("trajectory",)
-        try:
+        with cancel_on_error(pool, bar):
             while pending:
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -136,8 +149,3 @@ def run_trajectories(backend, cache: ArtifactCache, jobs: list[tuple[str, str, i
                             pending[pool.submit(_trajectory, kind, method, seed, result)] = ("trajectory",)
                     else:
                         bar.update(1)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        finally:
-            bar.close()

@@ -25,7 +25,7 @@ from .forget_sets import IGNORE, pad_rows
 from .llm_data import LLMStudyData, LLMStudyError, check_llm_params
 from .models import seed_everything
 from .scoring import mean_token_loss
-from .training import FUSED_ADAMW_DEVICES, lr_at
+from .training import adamw, lr_at
 
 EVAL_BATCH = 32                   # sequences per forward pass when scoring (bounds the [batch, len, vocab] logits)
 
@@ -240,8 +240,7 @@ def finetune(model: torch.nn.Module, seqs: list[list[int]], order: np.ndarray, *
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LLMStudyError("nothing to fine-tune: every parameter is frozen")
-    fused = fused and all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused or None)
+    opt = adamw(params, lr, 0.0, fused)
     steps = math.ceil(len(order) / batch_size)
     warmup = max(1, steps // 10)
     curve = []
@@ -402,10 +401,11 @@ def get_llm_models(p: dict, data: LLMStudyData, model: torch.nn.Module, base_key
             for seed in p[key]]
     workers = engine_pool.resolve_workers(workers)
     on_cpu = next(model.parameters()).device.type == "cpu"
-    missing = [(role, seed) for role, seed in jobs
-               if not cache.has("llm-finetuned", finetune_key(p, data, base_key, role, seed, scored_only, fast))]
-    if fast and on_cpu and workers > 1 and len(missing) > 1:
-        llm_pool.run_finetunes(p, data, models, base_key, cache, missing, workers, scored_only)
+    if fast and on_cpu and workers > 1:
+        missing = [(role, seed) for role, seed in jobs
+                   if not cache.has("llm-finetuned", finetune_key(p, data, base_key, role, seed, scored_only))]
+        if len(missing) > 1:
+            llm_pool.run_finetunes(p, data, models, base_key, cache, missing, workers, scored_only)
     with engine_pool.torch_threads(1 if fast and on_cpu else None):
         for role, seed in jobs:
             store = models.originals if role == "original" else models.references

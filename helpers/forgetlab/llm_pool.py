@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import ArtifactCache
+from .engine_pool import cancel_on_error
 
 _STATE: dict = {}            # the worker's study inputs (set by _init_finetune in each worker process)
 
@@ -83,12 +84,7 @@ def run_finetunes(p: dict, data, models, base_key: str, cache: ArtifactCache, jo
                                  initargs=(path, p, data, base_key, str(cache.root), cache.heal, scored_only)
                                  ) as pool:
             futures = [pool.submit(_finetune, role, seed) for role, seed in jobs]
-            try:
+            with cancel_on_error(pool, bar):
                 for fut in as_completed(futures):
                     fut.result()
                     bar.update(1)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            finally:
-                bar.close()

@@ -23,7 +23,7 @@ from .scoring import mean_token_loss
 
 LOSS_CHUNK_ROWS = 256   # rows of logits per chunk: 256 x a 2,048-token vocabulary is 2 MiB, one core's L2
 
-FUSED_ADAMW_DEVICES = {"cpu", "cuda", "mps", "xpu"}
+_FUSED_ADAMW_DEVICES = {"cpu", "cuda", "mps", "xpu"}
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -34,16 +34,22 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_optimizer(model: torch.nn.Module, learning_rate: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW as the training loop uses it.
+def adamw(params: list[torch.nn.Parameter], learning_rate: float, weight_decay: float, fused: bool = True
+          ) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) over ``params``.
 
-    `fused` (the default) runs the whole update as one kernel per device; False gives torch's default
-    implementation (on CPU a Python loop over the parameter tensors). Both compute the same update up to
-    float rounding. Fused needs floating-point parameters on CPU/CUDA/MPS/XPU; elsewhere it falls back.
+    `fused` runs the whole update as one kernel per device; False gives torch's default implementation (on CPU a
+    Python loop over the parameter tensors). Both compute the same update up to float rounding. Fused needs
+    floating-point parameters on CPU/CUDA/MPS/XPU; elsewhere it falls back.
     """
-    params = list(model.parameters())
-    fused = fused and all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
-    return torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.01, fused=fused or None)
+    fused = fused and all(p.is_floating_point() and p.device.type in _FUSED_ADAMW_DEVICES for p in params)
+    return torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay,
+                             fused=fused or None)
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW as the training loop uses it (weight decay 0.01, fused by default: see :func:`adamw`)."""
+    return adamw(list(model.parameters()), learning_rate, 0.01, fused)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -73,14 +73,22 @@ class TreePeakMemory:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "TreePeakMemory":
+    def start(self) -> "TreePeakMemory":
+        """Sample now and then every ``interval`` seconds until :meth:`stop`."""
         if self.available:
             self.sample()
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Stop sampling, after one last sample."""
         if self.available:
             self._stop.set()
             self._thread.join()
             self.sample()
+
+    def __enter__(self) -> "TreePeakMemory":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
